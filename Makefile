@@ -1,0 +1,38 @@
+# yi-local: `make demo` runs the whole pipeline offline on a tiny model; `make test` runs the tests.
+# Both install what is missing first (a .venv in the repo), so each works alone on a fresh clone.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# llama-cpp-python builds from source; pip caches the wheel, so only the first install is slow.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: install test demo bench lint test-snapshot-update clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch==2.13.0 (CPU) is only for the tests that compare with transformers; the GGUF path never needs it.
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' torch==2.13.0
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest tests
+
+demo: install
+	$(PY) tests/demo.py
+
+bench: install
+	$(PY) bench/convert.py
+
+lint: install
+	$(PY) -m pip install -q ruff
+	$(PY) -m ruff check yi_local converters tui tests bench
+
+test-snapshot-update: install
+	$(PY) -m pytest tests -k snapshot --snapshot-update
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo-out bench/out

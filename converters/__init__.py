@@ -1,0 +1,1 @@
+"""Hugging Face Yi checkpoints to GGUF: reading, tokenizer, tensors, writing, quantization."""

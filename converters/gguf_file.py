@@ -1,0 +1,106 @@
+"""Stream planned tensors into a GGUF file, a few chunks in flight, then check what was written.
+
+`GGUFWriter` writes the header, metadata and tensor infos; the tensor data is converted chunk
+by chunk on a thread pool (numpy and file I/O release the GIL) and written in order, so memory
+holds only the chunks in flight, never a whole tensor.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from gguf import GGUFReader, GGUFWriter
+
+from converters.checkpoint import ShardReader
+from converters.tensors import CHUNK_BYTES, TensorPlan, convert_rows, permute_rows
+from yi_local.errors import YiLocalError
+
+ProgressFn = Callable[[int], None]  # called with the number of source bytes just converted
+
+
+def write_gguf(
+    path: Path,
+    writer: GGUFWriter,
+    plans: list[TensorPlan],
+    threads: int = 2,
+    on_progress: ProgressFn | None = None,
+) -> None:
+    """Write `writer`'s metadata and the planned tensors to `path` (a temporary name)."""
+    for p in plans:
+        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.out_type)
+    writer.open_output_file(path)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    assert writer.fout is not None
+    fout = writer.fout[0]
+    writer.write_padding(fout, fout.tell())
+    try:
+        _stream_tensors(fout, plans, threads, on_progress, writer.data_alignment)
+    finally:
+        writer.close()
+
+
+def _stream_tensors(fout, plans: list[TensorPlan], threads: int, on_progress: ProgressFn | None, align: int) -> None:
+    n_slots = max(1, threads) + 1
+    free: list[np.ndarray] = [np.empty(CHUNK_BYTES + (1 << 16), dtype=np.uint8) for _ in range(n_slots)]
+    pending: deque[tuple[Future, np.ndarray, TensorPlan, bool, int]] = deque()
+
+    def work(plan: TensorPlan, fd: int | None, start: int, stop: int, buf: np.ndarray) -> np.ndarray:
+        rows = plan.src.read_rows(fd, start, stop, buf)
+        if plan.permute_heads:
+            rows = permute_rows(rows, plan.permute_heads * (stop - start) // plan.src.n_rows)
+        if len(plan.shape) == 1:
+            rows = rows.reshape(-1)
+        return convert_rows(rows, plan.src.dtype, plan.out_type)
+
+    def write_oldest() -> None:
+        future, buf, plan, last, src_bytes = pending.popleft()
+        data = future.result()
+        fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        if last:
+            pad = GGUFWriter.ggml_pad(plan.nbytes, align) - plan.nbytes
+            fout.write(b"\0" * pad)
+        free.append(buf)
+        if on_progress:
+            on_progress(src_bytes)
+
+    with ShardReader() as shards, ThreadPoolExecutor(max(1, threads)) as pool:
+        try:
+            for plan in plans:
+                fd = shards.fd_for(plan.src)
+                chunks = plan.row_chunks()
+                for i, (start, stop) in enumerate(chunks):
+                    while not free:
+                        write_oldest()
+                    buf = free.pop()
+                    src_bytes = (stop - start) * plan.src.row_len * plan.src.itemsize
+                    future = pool.submit(work, plan, fd, start, stop, buf)
+                    pending.append((future, buf, plan, i == len(chunks) - 1, src_bytes))
+            while pending:
+                write_oldest()
+        finally:
+            for future, *_ in pending:
+                future.cancel()
+    fout.flush()
+
+
+def verify_gguf(path: Path, plans: list[TensorPlan]) -> None:
+    """Reopen a written GGUF and check its tensors against the plan before it is renamed into place."""
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct errors, ...
+        raise YiLocalError(f"the GGUF just written does not read back ({e})", hint="report this as a bug") from None
+    if len(reader.tensors) != len(plans):
+        raise YiLocalError(f"{path.name}: {len(reader.tensors)} tensors written, {len(plans)} planned")
+    end = 0
+    for t, p in zip(reader.tensors, plans):
+        if t.name != p.name or t.tensor_type != p.out_type or int(t.n_bytes) != p.nbytes:
+            raise YiLocalError(f"{path.name}: tensor {t.name} was written wrongly (expected {p.name}, {p.out_type.name})")
+        end = max(end, int(t.data_offset) + int(t.n_bytes))
+    if path.stat().st_size < end:
+        raise YiLocalError(f"{path.name} is shorter ({path.stat().st_size}) than its tensors need ({end})")

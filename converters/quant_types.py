@@ -1,0 +1,84 @@
+"""GGUF output and quantization types as data: names, llama.cpp ftype ids, bits per weight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf import GGMLQuantizationType, LlamaFileType
+
+from yi_local.errors import YiLocalError
+
+
+@dataclass(frozen=True)
+class QuantType:
+    name: str
+    ftype: LlamaFileType
+    bits_per_weight: float  # on Llama-2-7B, from llama.cpp's quantize table
+
+
+# Q2_K to Q8_0: the levels `--q` accepts, in order of size.
+QUANT_TYPES: dict[str, QuantType] = {
+    q.name: q
+    for q in (
+        QuantType("Q2_K", LlamaFileType.MOSTLY_Q2_K, 3.35),
+        QuantType("Q3_K_S", LlamaFileType.MOSTLY_Q3_K_S, 3.50),
+        QuantType("Q3_K_M", LlamaFileType.MOSTLY_Q3_K_M, 3.91),
+        QuantType("Q3_K_L", LlamaFileType.MOSTLY_Q3_K_L, 4.27),
+        QuantType("Q4_0", LlamaFileType.MOSTLY_Q4_0, 4.50),
+        QuantType("Q4_1", LlamaFileType.MOSTLY_Q4_1, 5.00),
+        QuantType("Q4_K_S", LlamaFileType.MOSTLY_Q4_K_S, 4.58),
+        QuantType("Q4_K_M", LlamaFileType.MOSTLY_Q4_K_M, 4.84),
+        QuantType("Q5_0", LlamaFileType.MOSTLY_Q5_0, 5.50),
+        QuantType("Q5_1", LlamaFileType.MOSTLY_Q5_1, 6.00),
+        QuantType("Q5_K_S", LlamaFileType.MOSTLY_Q5_K_S, 5.52),
+        QuantType("Q5_K_M", LlamaFileType.MOSTLY_Q5_K_M, 5.68),
+        QuantType("Q6_K", LlamaFileType.MOSTLY_Q6_K, 6.56),
+        QuantType("Q8_0", LlamaFileType.MOSTLY_Q8_0, 8.50),
+    )
+}
+
+
+@dataclass(frozen=True)
+class OutType:
+    """An unquantized (or numpy-quantized) GGUF the converter writes itself."""
+
+    name: str
+    ftype: LlamaFileType
+    tensor_type: GGMLQuantizationType
+
+
+OUT_TYPES: dict[str, OutType] = {
+    o.name: o
+    for o in (
+        OutType("F32", LlamaFileType.ALL_F32, GGMLQuantizationType.F32),
+        OutType("F16", LlamaFileType.MOSTLY_F16, GGMLQuantizationType.F16),
+        OutType("BF16", LlamaFileType.MOSTLY_BF16, GGMLQuantizationType.BF16),
+        OutType("Q8_0", LlamaFileType.MOSTLY_Q8_0, GGMLQuantizationType.Q8_0),
+    )
+}
+
+# `--outtype auto`: keep the checkpoint's precision; f32 checkpoints become F16.
+AUTO_OUT_TYPE = {"BF16": "BF16", "F16": "F16", "F32": "F16"}
+
+
+def parse_quant(name: str) -> QuantType:
+    quant = QUANT_TYPES.get(name.upper())
+    if quant is None:
+        raise YiLocalError(
+            f"unknown quantization type {name!r}",
+            hint="choose one of: " + ", ".join(QUANT_TYPES),
+        )
+    return quant
+
+
+def parse_outtype(name: str) -> OutType | None:
+    """None means auto (decided from the checkpoint's dtype)."""
+    if name.lower() == "auto":
+        return None
+    out = OUT_TYPES.get(name.upper())
+    if out is None:
+        raise YiLocalError(
+            f"unknown output type {name!r}",
+            hint="choose one of: auto, " + ", ".join(o.lower() for o in OUT_TYPES),
+        )
+    return out

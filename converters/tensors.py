@@ -1,0 +1,132 @@
+"""HF tensor names and layouts to llama.cpp's, and chunked conversion to the output type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import MODEL_ARCH, GGMLQuantizationType, get_tensor_name_map
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.quants import quantize
+
+from converters.checkpoint import TensorSource
+from converters.hf_config import ModelParams
+from yi_local.errors import YiLocalError
+
+F32, F16, BF16, Q8_0 = (
+    GGMLQuantizationType.F32,
+    GGMLQuantizationType.F16,
+    GGMLQuantizationType.BF16,
+    GGMLQuantizationType.Q8_0,
+)
+
+# Early Yi snapshots named the layer norms ln1/ln2.
+_LEGACY_RENAMES = {".ln1.": ".input_layernorm.", ".ln2.": ".post_attention_layernorm."}
+# Buffers of rotary frequencies some checkpoints carry; llama.cpp computes them itself.
+_SKIP_SUFFIXES = (".rotary_emb.inv_freq",)
+
+CHUNK_BYTES = 8 << 20  # source bytes per conversion chunk
+
+
+@dataclass
+class TensorPlan:
+    """How one checkpoint tensor becomes one GGUF tensor."""
+
+    src: TensorSource
+    name: str
+    out_type: GGMLQuantizationType
+    permute_heads: int | None  # Q/K: undo HF's rotary layout over this many heads
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.src.shape
+
+    @property
+    def nbytes(self) -> int:
+        block, type_size = GGML_QUANT_SIZES[self.out_type]
+        return self.src.n_rows * (self.src.row_len // block) * type_size
+
+    def row_chunks(self) -> list[tuple[int, int]]:
+        """Row ranges of about CHUNK_BYTES, on head boundaries when rows get permuted."""
+        step = max(1, CHUNK_BYTES // max(1, self.src.row_len * self.src.itemsize))
+        if self.permute_heads:
+            rows_per_head = self.src.n_rows // self.permute_heads
+            step = max(rows_per_head, step // rows_per_head * rows_per_head)
+        n = self.src.n_rows
+        return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def plan_tensors(sources: list[TensorSource], params: ModelParams, out_type: GGMLQuantizationType) -> list[TensorPlan]:
+    name_map = get_tensor_name_map(MODEL_ARCH.LLAMA, params.num_layers)
+    plans = []
+    for src in sources:
+        if src.name.endswith(_SKIP_SUFFIXES):
+            continue
+        hf_name = src.name
+        for old, new in _LEGACY_RENAMES.items():
+            hf_name = hf_name.replace(old, new)
+        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise YiLocalError(
+                f"tensor {src.name} has no llama.cpp counterpart",
+                hint="this checkpoint is not a plain Llama/Yi model; yi-local cannot convert it",
+            )
+        permute = None
+        if hf_name.endswith("q_proj.weight"):
+            permute = params.num_heads
+        elif hf_name.endswith("k_proj.weight"):
+            permute = params.num_kv_heads
+        tensor_type = out_type
+        if len(src.shape) == 1:
+            tensor_type = F32
+        elif out_type == Q8_0 and src.row_len % GGML_QUANT_SIZES[Q8_0][0] != 0:
+            tensor_type = F16
+        plans.append(TensorPlan(src, name, tensor_type, permute))
+    _check_complete(plans, params)
+    return plans
+
+
+def _check_complete(plans: list[TensorPlan], params: ModelParams) -> None:
+    names = {p.name for p in plans}
+    per_layer = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+    expected = {"token_embd.weight", "output_norm.weight"}
+    if not params.tie_word_embeddings:
+        expected.add("output.weight")
+    expected |= {f"blk.{i}.{t}.weight" for i in range(params.num_layers) for t in per_layer}
+    missing = sorted(expected - names)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise YiLocalError(
+            f"the checkpoint lacks tensors: {shown}",
+            hint="a weight shard is missing or incomplete; download the model again",
+        )
+
+
+def permute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's Q/K layout: rows.reshape(h, 2, d/2, cols).swapaxes(1, 2), on whole heads."""
+    n_rows, cols = rows.shape
+    return rows.reshape(n_heads, 2, n_rows // n_heads // 2, cols).swapaxes(1, 2).reshape(n_rows, cols)
+
+
+def to_float32(rows: np.ndarray, src_dtype: str) -> np.ndarray:
+    if src_dtype == "BF16":
+        return (rows.astype(np.uint32) << 16).view(np.float32)
+    return rows.astype(np.float32, copy=False)
+
+
+def convert_rows(rows: np.ndarray, src_dtype: str, out_type: GGMLQuantizationType) -> np.ndarray:
+    """Rows in the source dtype (BF16 as uint16) to the bytes of `out_type`."""
+    if out_type == BF16:
+        return rows if src_dtype == "BF16" else quantize(to_float32(rows, src_dtype), BF16)
+    if out_type == F16 and src_dtype == "F16":
+        return rows
+    if out_type == F32 and src_dtype == "F32":
+        return rows
+    f32 = to_float32(rows, src_dtype)
+    if out_type == F32:
+        return f32
+    if out_type == F16:
+        return f32.astype(np.float16)
+    if out_type == Q8_0:
+        return quantize(f32, Q8_0)
+    raise ValueError(f"unsupported output type {out_type!r}")  # plan_tensors never makes one

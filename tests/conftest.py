@@ -1,0 +1,65 @@
+"""Session fixtures: tiny Yi-faithful checkpoints built at test time, and their GGUFs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from converters.convert import convert
+from converters.synthetic import build_checkpoint
+
+DATA = Path(__file__).parent / "data"
+CORPUS = DATA / "corpus.txt"
+REPO = Path(__file__).parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Nothing a test does touches the user's yi-local folder or Hugging Face cache."""
+    home = tmp_path_factory.mktemp("yi-home")
+    monkeypatch.setenv("YI_LOCAL_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """The chat, base and legacy variants, built from the same seed (so the same weights)."""
+    root = tmp_path_factory.mktemp("hf")
+    return {v: build_checkpoint(root / f"Yi-Tiny-{v}", CORPUS, variant=v) for v in ("chat", "base", "legacy")}
+
+
+@pytest.fixture(scope="session")
+def chat_dir(checkpoints) -> Path:
+    return checkpoints["chat"]
+
+
+@pytest.fixture(scope="session")
+def ggufs(chat_dir, tmp_path_factory) -> dict[str, Path]:
+    """The chat checkpoint converted to each unquantized output type."""
+    out = tmp_path_factory.mktemp("gguf")
+    return {t: convert(chat_dir, out=out, outtype=t).files[0] for t in ("f32", "f16", "bf16", "q8_0")}
+
+
+@pytest.fixture(scope="session")
+def chat_gguf(chat_dir, tmp_path_factory) -> Path:
+    """The test model most runtime tests use: the chat checkpoint at Q8_0."""
+    out = tmp_path_factory.mktemp("gguf-q8")
+    return convert(chat_dir, out=out, quants=["Q8_0"]).files[0]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run the real `yi-local` command in a subprocess and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "yi_local", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=kw.pop("cwd", REPO),
+        env={**os.environ, **(env or {})},
+        **kw,
+    )

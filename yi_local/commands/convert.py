@@ -1,0 +1,45 @@
+"""Convert a Hugging Face Yi model folder to GGUF, then quantize it with llama.cpp.
+
+Examples:
+  yi-local convert ./Yi-6B-Chat --q Q4_K_M          # → ./Yi-6B-Chat-Q4_K_M.gguf
+  yi-local convert ./Yi-6B-Chat --q q4_k_m --q q8_0 -o models/
+  yi-local convert ./Yi-6B-Chat --outtype f16 -o yi-6b-chat-f16.gguf
+
+Chat models get <|im_end|> as their end-of-turn and eos token and their chat template embedded,
+so llama.cpp stops where Yi ends its turn with no hand patching.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from converters.quant_types import QUANT_TYPES
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="a local Hugging Face model folder")
+    p.add_argument("-o", "--out", type=Path, help="output folder, or a .gguf path when one file is made "
+                   "(default: the current folder)")
+    p.add_argument("--outtype", default="auto", metavar="TYPE",
+                   help="the unquantized GGUF: auto|f32|f16|bf16|q8_0 (auto: bf16→BF16, f16→F16, f32→F16). "
+                   "Given explicitly, it is kept beside the --q files")
+    p.add_argument("--q", dest="quants", action="append", default=[], metavar="TYPE",
+                   help="quantize to TYPE (repeatable, case-insensitive): " + ", ".join(QUANT_TYPES))
+    p.add_argument("--threads", type=int, default=None, help="threads for conversion and quantization "
+                   "(default: all cores)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def run(args: argparse.Namespace) -> int:
+    from converters.convert import convert
+    from yi_local.progress import TerminalProgress
+
+    with TerminalProgress() as progress:
+        result = convert(args.src, out=args.out, outtype=args.outtype, quants=args.quants,
+                         threads=args.threads, force=args.force, progress=progress)
+    for note in result.notes:
+        print(f"note: {note}")
+    for path in result.files:
+        print(f"wrote {path} ({path.stat().st_size / 1e6:,.1f} MB)")
+    return 0

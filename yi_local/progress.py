@@ -1,0 +1,57 @@
+"""Terminal progress bars (rich) for the library's `Progress` protocol."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+
+class _RichTask:
+    def __init__(self, bars: Progress, task_id) -> None:
+        self._bars, self._id = bars, task_id
+
+    def advance(self, n: int) -> None:
+        self._bars.advance(self._id, n)
+
+    def update(self, completed: int) -> None:
+        self._bars.update(self._id, completed=completed)
+
+    def close(self) -> None:
+        task = self._bars.tasks[self._id]
+        self._bars.update(self._id, completed=task.total)
+
+
+class TerminalProgress:
+    """Bars on stderr, one per task; silent when stderr is not a terminal unless forced."""
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        self._bars = Progress(
+            TextColumn("{task.description:<20}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not (enabled if enabled is not None else sys.stderr.isatty()),
+        )
+
+    def __enter__(self) -> "TerminalProgress":
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bars.stop()
+
+    def task(self, label: str, total: int, unit: str = "B") -> _RichTask:
+        return _RichTask(self._bars, self._bars.add_task(label, total=total))
