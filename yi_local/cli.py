@@ -13,6 +13,7 @@ from yi_local.errors import YiLocalError
 # name -> (module under yi_local.commands, one-line help)
 COMMANDS = {
     "convert": ("convert", "convert a Hugging Face Yi model folder to GGUF and quantize it"),
+    "run": ("run", "generate one reply from a model and stream it to stdout"),
 }
 
 

@@ -1,0 +1,176 @@
+"""The llama.cpp backend and the one generation loop, on the tiny converted chat model."""
+
+from __future__ import annotations
+
+import threading
+
+import llama_cpp
+import pytest
+
+from converters.convert import convert
+from yi_local.errors import YiLocalError
+from yi_local.runtime import Finish, LoadOptions, SamplingParams, TextDelta, load_backend
+from yi_local.runtime.backend import ContextOverflowError, StopMatcher
+
+GREEDY = dict(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def backend(chat_gguf):
+    b = load_backend(str(chat_gguf), LoadOptions(n_ctx=256, n_threads=2))
+    yield b
+    b.close()
+
+
+def collect(events):
+    events = list(events)
+    assert isinstance(events[-1], Finish) and all(isinstance(e, TextDelta) for e in events[:-1])
+    return "".join(e.text for e in events[:-1]), [t for e in events[:-1] for t in e.token_ids], events[-1]
+
+
+def test_info(backend, chat_gguf):
+    info = backend.info
+    assert (info.quantization, info.offload, info.backend, info.n_ctx) == ("Q8_0", "CPU", "llama.cpp", 256)
+    assert info.eos_token == "<|im_end|>" and info.bos_token == "<|startoftext|>"
+    assert "<|im_start|>" in info.chat_template
+    assert backend.add_bos is False
+
+
+def test_greedy_tokens_equal_llama_cpp_python(backend, chat_gguf):
+    prompt = backend.tokenize("Hello 你好, Yi")
+    _, ids, finish = collect(backend.generate(prompt, SamplingParams(max_tokens=12, **GREEDY)))
+    reference = llama_cpp.Llama(str(chat_gguf), n_ctx=256, n_threads=2, verbose=False)
+    ref_ids = []
+    for tok in reference.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+        if tok == reference.token_eos() or len(ref_ids) == 12:
+            break
+        ref_ids.append(tok)
+    assert ids == ref_ids[: len(ids)]
+    assert finish.reason in ("length", "stop") and finish.usage.completion_tokens == 12
+
+
+def test_chat_tokens_render_template_and_match_the_tokenizer(backend):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 你好"}]
+    text = backend.render_chat(messages)
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi 你好<|im_end|>\n<|im_start|>assistant\n"
+    tokens = backend.chat_tokens(messages)
+    assert tokens[0] == 6 and tokens.count(7) == 2 and tokens == backend.tokenize(text, special=True)
+
+
+def test_logit_bias_forcing_im_end_stops_with_no_text(backend):
+    prompt = backend.chat_tokens([{"role": "user", "content": "Hi"}])
+    text, ids, finish = collect(backend.generate(prompt, SamplingParams(max_tokens=20, logit_bias={7: 100.0})))
+    assert (text, ids, finish.reason, finish.stop_text) == ("", [], "stop", "<|im_end|>")
+    assert finish.usage.completion_tokens == 1
+
+
+def test_max_tokens_gives_length(backend):
+    prompt = backend.tokenize("The model")
+    text, ids, finish = collect(backend.generate(prompt, SamplingParams(max_tokens=5, logit_bias={7: -100.0}, **GREEDY)))
+    assert finish.reason == "length" and finish.usage.completion_tokens == 5 and len(ids) == 5
+    assert finish.usage.prompt_tokens == len(prompt)
+
+
+def test_stop_string_never_leaks(backend):
+    prompt = backend.tokenize("Numbers and words")
+    params = SamplingParams(max_tokens=24, logit_bias={7: -100.0}, **GREEDY)
+    full, _, _ = collect(backend.generate(prompt, params))
+    assert len(full) > 6
+    stop = full[3:6]
+    params.stop = [stop]
+    text, _, finish = collect(backend.generate(prompt, params))
+    assert text == full[: full.index(stop)]
+    assert finish.reason == "stop" and finish.stop_text == stop
+
+
+def test_kv_cache_is_reused_across_turns(backend):
+    first = backend.chat_tokens([{"role": "user", "content": "first question"}])
+    collect(backend.generate(first, SamplingParams(max_tokens=4, **GREEDY)))
+    second = backend.chat_tokens(
+        [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "x"},
+         {"role": "user", "content": "second"}]
+    )  # fmt: skip
+    _, _, finish = collect(backend.generate(second, SamplingParams(max_tokens=2, **GREEDY)))
+    common = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b) if first != second[: len(first)] else len(first)
+    assert finish.usage.cached_tokens >= common - 1 > 0
+    assert finish.timings.prompt_tokens == len(second) - finish.usage.cached_tokens
+
+
+def test_reuse_gives_the_same_tokens_as_a_fresh_cache(chat_gguf, backend):
+    prompt = backend.tokenize("same prompt twice, 同样的提示")
+    params = SamplingParams(max_tokens=8, logit_bias={7: -100.0}, **GREEDY)
+    _, warm_ids, warm = collect(backend.generate(prompt, params))
+    _, again_ids, again = collect(backend.generate(prompt, params))
+    assert again.usage.cached_tokens == len(prompt) - 1
+    fresh = load_backend(str(chat_gguf), LoadOptions(n_ctx=256, n_threads=2))
+    _, fresh_ids, _ = collect(fresh.generate(prompt, params))
+    assert warm_ids == again_ids == fresh_ids
+
+
+def test_prompt_longer_than_context_is_refused(backend):
+    with pytest.raises(ContextOverflowError) as err:
+        list(backend.generate(list(range(20, 320)), SamplingParams()))
+    assert err.value.n_prompt == 300 and err.value.n_ctx == 256
+    assert "300 tokens" in str(err.value) and "256" in str(err.value)
+
+
+def test_generation_stops_at_the_context_end(backend):
+    prompt = backend.tokenize("x y " * 100)[:250]
+    assert len(prompt) > 200
+    _, _, finish = collect(backend.generate(prompt, SamplingParams(max_tokens=100, logit_bias={7: -100.0})))
+    assert finish.reason == "length" and finish.usage.completion_tokens == 256 - len(prompt)
+
+
+def test_cancel_stops_generation(backend):
+    cancel = threading.Event()
+    events = []
+    for event in backend.generate(backend.tokenize("go on"), SamplingParams(max_tokens=100, logit_bias={7: -100.0}), cancel):
+        events.append(event)
+        if len(events) == 3:
+            cancel.set()
+    assert events[-1].reason == "cancelled" and events[-1].usage.completion_tokens == 3
+
+
+def test_seeded_sampling_is_reproducible(backend):
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=42, logit_bias={7: -100.0})
+    prompt = backend.tokenize("Once upon a time")
+    assert collect(backend.generate(prompt, params))[1] == collect(backend.generate(prompt, params))[1]
+
+
+def test_grammar_constrains_output(backend):
+    params = SamplingParams(max_tokens=6, grammar='root ::= [0-9]+', temperature=0.8, seed=1)
+    text, _, _ = collect(backend.generate(backend.tokenize("Numbers:"), params))
+    assert text and text.isdigit()
+    with pytest.raises(YiLocalError, match="grammar"):
+        list(backend.generate(backend.tokenize("x"), SamplingParams(grammar="root ::= (")))
+
+
+def test_base_model_has_no_chat(checkpoints, tmp_path):
+    path = convert(checkpoints["base"], out=tmp_path, quants=["Q8_0"]).files[0]
+    b = load_backend(str(path), LoadOptions(n_ctx=128))
+    with pytest.raises(YiLocalError, match="base model") as err:
+        b.chat_tokens([{"role": "user", "content": "hi"}])
+    assert "--raw" in err.value.hint
+
+
+@pytest.mark.parametrize(
+    "chunks, stops, expected_text, expected_stop",
+    [
+        (["Hel", "lo <", "|end", "|> more"], ["<|end|>"], "Hello ", "<|end|>"),
+        (["a<", "b"], ["<|end|>"], "a<b", None),
+        (["abc"], [], "abc", None),
+        (["x", "STOP"], ["ST", "STOP"], "x", "ST"),
+        (["中文", "停止", "后"], ["停止"], "中文", "停止"),
+    ],
+)
+def test_stop_matcher(chunks, stops, expected_text, expected_stop):
+    m = StopMatcher(stops)
+    out, hit = "", None
+    for c in chunks:
+        text, hit = m.push(c)
+        out += text
+        if hit:
+            break
+    if hit is None:
+        out += m.flush()
+    assert (out, hit) == (expected_text, expected_stop)

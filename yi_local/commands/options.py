@@ -1,0 +1,51 @@
+"""Flags shared by `run`, `chat` and `serve`, and their translation to runtime dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+
+from yi_local.runtime.params import LoadOptions, SamplingParams
+
+
+def _gpu_layers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected 'auto' or a number of layers (-1: all)") from None
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--n-gpu-layers", "-ngl", type=_gpu_layers, default="auto", metavar="auto|N",
+                   help="layers to offload to the GPU (auto: all when the model fits, else as many as fit; "
+                   "-1: all; 0: CPU only)")
+    g.add_argument("--ctx", type=int, default=4096, help="context length in tokens (0: the model's own; default 4096)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--batch", type=int, default=512, help="prompt evaluation batch size (default 512)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 512) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", "--temp", type=float, default=0.7, help="0 for greedy (default 0.7)")
+    g.add_argument("--top-k", type=int, default=40, help="default 40 (0: off)")
+    g.add_argument("--top-p", type=float, default=0.95, help="default 0.95 (1: off)")
+    g.add_argument("--min-p", type=float, default=0.05, help="default 0.05 (0: off)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="default 1.0 (off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    g.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=f"most tokens to generate (default {max_tokens})")  # fmt: skip
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at TEXT (repeatable)")
+
+
+def load_options(args: argparse.Namespace, on_progress=None) -> LoadOptions:
+    return LoadOptions(n_gpu_layers=args.n_gpu_layers, n_ctx=args.ctx, n_threads=args.threads,
+                       n_batch=args.batch, on_progress=on_progress)  # fmt: skip
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=list(args.stop),
+    )  # fmt: skip

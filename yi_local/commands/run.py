@@ -1,0 +1,62 @@
+"""Generate one reply and stream it to stdout.
+
+The prompt comes from the PROMPT argument or, without it (or with "-"), from standard input.
+Chat models get the prompt as a user message in their chat template and stop at <|im_end|>;
+--raw continues the text as is (for base models).
+
+Examples:
+  yi-local run Yi-6B-Chat-Q4_K_M.gguf "Write a haiku about the sea"
+  echo "你好" | yi-local run Yi-6B-Chat-Q4_K_M.gguf --system "Answer in one sentence."
+  yi-local run Yi-6B-Q4_K_M.gguf --raw "The capital of France is" --max-tokens 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from yi_local.commands.options import add_runtime_args, add_sampling_args, load_options, sampling_params
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="a .gguf file")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None, help="the prompt (default: stdin)")
+    p.add_argument("--system", default=None, help="a system prompt (chat models)")
+    p.add_argument("--raw", action="store_true", help="plain completion of PROMPT, without the chat template")
+    p.add_argument("--verbose-timings", action="store_true", help="print tokens/s to stderr at the end")
+    add_runtime_args(p)
+    add_sampling_args(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from yi_local.errors import YiLocalError
+    from yi_local.runtime import Finish, TextDelta, load_backend
+
+    prompt = args.prompt
+    if prompt is None or prompt == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise YiLocalError("no prompt", hint="give PROMPT as an argument or pipe it on standard input")
+        prompt = sys.stdin.read()
+    backend = load_backend(args.model, load_options(args))
+    info = backend.info
+    print(f"yi-local: {info.name} · {info.quantization} · {info.offload} · ctx {info.n_ctx}", file=sys.stderr)
+    if args.raw:
+        tokens = backend.tokenize(prompt, add_bos=backend.add_bos)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        tokens = backend.chat_tokens(messages)
+    finish = None
+    for event in backend.generate(tokens, sampling_params(args)):
+        if isinstance(event, TextDelta):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        elif isinstance(event, Finish):
+            finish = event
+    sys.stdout.write("\n")
+    if finish is not None and args.verbose_timings:
+        t = finish.timings
+        print(f"[{finish.reason}] prompt {t.prompt_tokens} tok at {t.prompt_tps:.1f} tok/s, "
+              f"generated {t.generated_tokens} tok at {t.generate_tps:.1f} tok/s", file=sys.stderr)  # fmt: skip
+    return 0

@@ -1,0 +1,63 @@
+"""What this machine has: cores, memory, and the GPU llama.cpp can offload to."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def llama_gpu_kind() -> str | None:
+    """'CUDA', 'Metal', another GPU backend's name, or None for a CPU-only llama.cpp build."""
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        return None
+    info = llama_cpp.llama_print_system_info().decode(errors="replace").upper()
+    for key, name in (("CUDA", "CUDA"), ("METAL", "Metal"), ("MTL", "Metal"), ("VULKAN", "Vulkan"), ("HIP", "ROCm")):
+        if key in info:
+            return name
+    return "GPU"
+
+
+def gpu_free_bytes(kind: str | None) -> int | None:
+    """Free memory on the offload device, or None when it cannot be told."""
+    if kind == "Metal":
+        # Unified memory: Metal lets a process wire about three quarters of RAM.
+        import psutil
+
+        return int(min(psutil.virtual_memory().available, psutil.virtual_memory().total * 0.75))
+    if kind == "CUDA":
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return int(torch.cuda.mem_get_info()[0])
+        except ImportError:
+            pass
+        if shutil.which("nvidia-smi"):
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", "0"],
+                    capture_output=True, text=True, timeout=10, check=True,
+                ).stdout  # fmt: skip
+                return int(out.split()[0]) * 1024 * 1024
+            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+                return None
+    return None
+
+
+def system_summary() -> dict[str, str]:
+    import psutil
+
+    return {
+        "os": f"{platform.system()} {platform.release()}",
+        "cpu": platform.processor() or platform.machine(),
+        "cores": str(cpu_count()),
+        "ram": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+    }

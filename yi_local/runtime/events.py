@@ -1,0 +1,55 @@
+"""The typed events every backend yields; `run`, `chat` and `serve` consume only these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text of the reply (possibly empty while a UTF-8 character or a stop string is pending)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused from the previous request
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Timings:
+    prompt_tokens: int  # tokens actually evaluated (prompt minus cached)
+    prompt_s: float
+    generated_tokens: int
+    generate_s: float
+    first_token_s: float  # from the call to the first sampled token
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def generate_tps(self) -> float:
+        return self.generated_tokens / self.generate_s if self.generate_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: FinishReason
+    usage: Usage
+    timings: Timings
+    stop_text: str | None = None  # the stop string or end-of-turn token that ended the reply
+
+
+Event = Union[TextDelta, Finish]

@@ -1,0 +1,266 @@
+"""The llama.cpp backend: llama-cpp-python's low-level API and a native sampler chain.
+
+No per-token Python work on logits: sampling runs in llama.cpp's `llama_sampler` chain, and the KV
+cache of the previous request is reused for the longest common prefix, so a chat turn only
+evaluates the new tokens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from pathlib import Path
+
+from yi_local import hardware
+from yi_local.errors import YiLocalError
+from yi_local.runtime.backend import Backend, ModelInfo
+from yi_local.runtime.offload import plan_offload
+from yi_local.runtime.params import LoadOptions, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_backend_ready = False
+_backend_lock = threading.Lock()
+
+
+def _llama():
+    """Import llama_cpp once, quiet unless yi-local runs verbose, and initialize its backend."""
+    global _backend_ready
+    import llama_cpp
+
+    with _backend_lock:
+        if not _backend_ready:
+            verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+            logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+    return llama_cpp
+
+
+def check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise YiLocalError(f"{path}: no such model file", hint="give the path of a .gguf file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise YiLocalError(
+            f"{path} is not a GGUF file",
+            hint="convert a Hugging Face model folder first: `yi-local convert FOLDER --q Q4_K_M`",
+        )
+
+
+def _read_header(path: Path) -> dict:
+    from gguf import GGUFReader, LlamaFileType
+
+    reader = GGUFReader(path)
+
+    def get(key, default=None):
+        field = reader.get_field(key)
+        return default if field is None else field.contents()
+
+    arch = get("general.architecture", "llama")
+    file_type = get("general.file_type")
+    try:
+        quant = LlamaFileType(file_type).name.replace("MOSTLY_", "").replace("ALL_", "")
+    except ValueError:
+        quant = f"type {file_type}"
+    return {
+        "name": get("general.name") or path.stem,
+        "quantization": quant,
+        "n_layers": int(get(f"{arch}.block_count", 0)),
+        "n_embd": int(get(f"{arch}.embedding_length", 0)),
+        "n_head": int(get(f"{arch}.attention.head_count", 1)),
+        "n_head_kv": int(get(f"{arch}.attention.head_count_kv", 1)),
+        "chat_template": get("tokenizer.chat_template"),
+    }
+
+
+class LlamaCppBackend(Backend):
+    def __init__(self, model: str | os.PathLike[str], options: LoadOptions | None = None):
+        options = options or LoadOptions()
+        path = Path(model)
+        check_gguf(path)
+        L = self._L = _llama()
+        self.lock = threading.Lock()
+        self._sampler = None
+        self._ctx = self._model = None
+        header = _read_header(path)
+
+        gpu = hardware.llama_gpu_kind()
+        n_ctx_hint = options.n_ctx or 4096
+        head_dim = header["n_embd"] // max(1, header["n_head"])
+        kv_bytes = header["n_layers"] * n_ctx_hint * header["n_head_kv"] * head_dim * 2 * 2
+        plan = plan_offload(options.n_gpu_layers, path.stat().st_size, header["n_layers"], kv_bytes,
+                            gpu, hardware.gpu_free_bytes(gpu))  # fmt: skip
+        logger.info("offload: %s", plan.description)
+
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = plan.n_gpu_layers if plan.n_gpu_layers >= 0 else 0x7FFFFFFF
+        if options.on_progress is not None:
+            report = options.on_progress
+
+            @L.llama_progress_callback
+            def _progress(value: float, _user: ctypes.c_void_p) -> bool:
+                report(float(value))
+                return True
+
+            self._progress_cb = _progress  # keep the ctypes callback alive
+            mparams.progress_callback = _progress
+        self._model = L.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self._model:
+            raise YiLocalError(f"llama.cpp could not load {path}", hint="the file may be damaged; convert it again")
+
+        cparams = L.llama_context_default_params()
+        n_train = L.llama_model_n_ctx_train(self._model)
+        cparams.n_ctx = options.n_ctx if options.n_ctx > 0 else n_train
+        cparams.n_batch = cparams.n_ubatch = options.n_batch
+        threads = options.n_threads or hardware.cpu_count()
+        cparams.n_threads = cparams.n_threads_batch = threads
+        self._ctx = L.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise YiLocalError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens",
+                               hint="try a smaller --ctx")  # fmt: skip
+        self._vocab = L.llama_model_get_vocab(self._model)
+        self._mem = L.llama_get_memory(self._ctx)
+        self._n_batch = options.n_batch
+        self._cache: list[int] = []  # the tokens whose K/V sit in the cache, in order
+        self._one = (L.llama_token * 1)()
+        self._add_bos = bool(L.llama_vocab_get_add_bos(self._vocab))
+        bos, eos = L.llama_vocab_bos(self._vocab), L.llama_vocab_eos(self._vocab)
+        self.info = ModelInfo(
+            name=header["name"],
+            path=str(path),
+            quantization=header["quantization"],
+            n_ctx=L.llama_n_ctx(self._ctx),
+            n_ctx_train=n_train,
+            n_layers=header["n_layers"],
+            offload=plan.description,
+            backend="llama.cpp",
+            chat_template=header["chat_template"],
+            bos_token=self.token_bytes(bos, special=True).decode(errors="replace") if bos >= 0 else "",
+            eos_token=self.token_bytes(eos, special=True).decode(errors="replace") if eos >= 0 else "",
+        )
+
+    # -- vocabulary --------------------------------------------------------------------------
+    @property
+    def add_bos(self) -> bool:
+        return self._add_bos
+
+    def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (self._L.llama_token * n_max)()
+        n = self._L.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
+        if n < 0:
+            buf = (self._L.llama_token * -n)()
+            n = self._L.llama_tokenize(self._vocab, data, len(data), buf, -n, add_bos, special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._L.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._L.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    def token_bytes_special(self, token: int) -> str:
+        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(self._L.llama_vocab_is_eog(self._vocab, token))
+
+    # -- evaluation --------------------------------------------------------------------------
+    def _decode(self, tokens, n: int) -> None:
+        rc = self._L.llama_decode(self._ctx, self._L.llama_batch_get_one(tokens, n))
+        if rc != 0:
+            self._cache = []
+            self._L.llama_memory_clear(self._mem, True)
+            raise YiLocalError(f"llama.cpp failed to evaluate {n} token(s) (code {rc})",
+                               hint="the context may be full; start a new conversation or raise --ctx")  # fmt: skip
+
+    def _prefill(self, tokens: list[int]) -> int:
+        reuse = 0
+        for a, b in zip(self._cache, tokens):
+            if a != b:
+                break
+            reuse += 1
+        reuse = min(reuse, len(tokens) - 1)  # the last prompt token is evaluated again for its logits
+        if not self._L.llama_memory_seq_rm(self._mem, 0, reuse, -1):
+            self._L.llama_memory_clear(self._mem, True)
+            reuse = 0
+        self._cache = tokens[:reuse]
+        todo = tokens[reuse:]
+        arr = (self._L.llama_token * len(todo))(*todo)
+        for start in range(0, len(todo), self._n_batch):
+            n = min(self._n_batch, len(todo) - start)
+            self._decode(ctypes.cast(ctypes.byref(arr, start * ctypes.sizeof(self._L.llama_token)),
+                                     ctypes.POINTER(self._L.llama_token)), n)  # fmt: skip
+            self._cache.extend(todo[start : start + n])
+        return reuse
+
+    def _feed(self, token: int) -> None:
+        self._one[0] = token
+        self._decode(self._one, 1)
+        self._cache.append(token)
+
+    # -- sampling ----------------------------------------------------------------------------
+    def _begin_sampling(self, params: SamplingParams, prompt: list[int]) -> None:
+        L = self._L
+        self._free_sampler()
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        self._sampler = chain
+        n_vocab = L.llama_vocab_n_tokens(self._vocab)
+        if params.logit_bias:
+            items = [(int(t), float(b)) for t, b in params.logit_bias.items() if 0 <= int(t) < n_vocab]
+            arr = (L.llama_logit_bias * len(items))(*[L.llama_logit_bias(token=t, bias=b) for t, b in items])
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(items), arr))
+        if params.repeat_penalty != 1.0:
+            L.llama_sampler_chain_add(
+                chain, L.llama_sampler_init_penalties(params.repeat_last_n, params.repeat_penalty, 0.0, 0.0)
+            )
+        if params.grammar:
+            grammar = L.llama_sampler_init_grammar(self._vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                raise YiLocalError("the grammar does not parse", hint="check its GBNF syntax; the root rule is `root`")
+            L.llama_sampler_chain_add(chain, grammar)
+        if params.temperature <= 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
+            seed = params.seed if params.seed is not None else L.LLAMA_DEFAULT_SEED
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        if params.repeat_penalty != 1.0 and not params.grammar:
+            for t in prompt[-params.repeat_last_n :]:
+                L.llama_sampler_accept(chain, t)
+
+    def _sample(self) -> int:
+        return self._L.llama_sampler_sample(self._sampler, self._ctx, -1)
+
+    def _free_sampler(self) -> None:
+        if self._sampler is not None:
+            self._L.llama_sampler_free(self._sampler)
+            self._sampler = None
+
+    def close(self) -> None:
+        self._free_sampler()
+        if self._ctx:
+            self._L.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            self._L.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
