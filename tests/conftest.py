@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from converters.convert import convert
-from converters.synthetic import build_checkpoint
+from converters.synthetic import Dims, build_checkpoint
 
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "corpus.txt"
@@ -50,6 +50,18 @@ def chat_gguf(chat_dir, tmp_path_factory) -> Path:
     """The test model most runtime tests use: the chat checkpoint at Q8_0."""
     out = tmp_path_factory.mktemp("gguf-q8")
     return convert(chat_dir, out=out, quants=["Q8_0"]).files[0]
+
+
+@pytest.fixture(scope="session")
+def medium_dir(tmp_path_factory) -> Path:
+    """A 100 MB chat checkpoint: slow enough that conversion, quantization and generation take a while."""
+    dims = Dims(hidden=1024, ffn=2816, layers=4, heads=8, kv_heads=2, vocab=1024)
+    return build_checkpoint(tmp_path_factory.mktemp("medium") / "Yi-Medium", CORPUS, variant="chat", dims=dims)
+
+
+@pytest.fixture(scope="session")
+def medium_gguf(medium_dir, tmp_path_factory) -> Path:
+    return convert(medium_dir, out=tmp_path_factory.mktemp("gguf-medium"), quants=["Q8_0"]).files[0]
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:

@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from converters.synthetic import Dims, build_checkpoint
-from tests.conftest import CORPUS, REPO, run_cli
+from tests.conftest import REPO, run_cli
 
 
 @pytest.fixture
@@ -103,13 +102,6 @@ def test_full_disk_removes_the_temporary_file(model, tmp_path):
     fails_cleanly(proc, "could not write", "free some space", out=out)
 
 
-@pytest.fixture(scope="module")
-def medium_model(tmp_path_factory):
-    """Large enough (100 MB) that conversion and quantization take a second or more."""
-    dims = Dims(hidden=1024, ffn=2816, layers=4, heads=8, kv_heads=2, vocab=1024)
-    return build_checkpoint(tmp_path_factory.mktemp("medium") / "Yi-Medium", CORPUS, variant="chat", dims=dims)
-
-
 @pytest.mark.parametrize(
     "args, interrupt_when",
     [
@@ -117,10 +109,10 @@ def medium_model(tmp_path_factory):
         (["--q", "Q4_K_M", "--q", "Q6_K"], "Q4_K_M.gguf"),  # during llama.cpp's quantization
     ],
 )
-def test_ctrl_c_mid_write_leaves_nothing(medium_model, tmp_path, args, interrupt_when):
+def test_ctrl_c_mid_write_leaves_nothing(medium_dir, tmp_path, args, interrupt_when):
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "yi_local", "convert", str(medium_model), "-o", str(out), "--threads", "1", *args],
+        [sys.executable, "-m", "yi_local", "convert", str(medium_dir), "-o", str(out), "--threads", "1", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )  # fmt: skip
     deadline = time.monotonic() + 120

@@ -109,18 +109,20 @@ class Backend(ABC):
         limit = self.info.n_ctx - len(prompt)
         if params.max_tokens is not None:
             limit = min(params.max_tokens, limit)
-        n_gen, reason, stop_text, t_first = 0, "length", None, 0.0
+        # n_gen counts tokens of the reply; an end-of-turn token that ends it is sampled but not counted.
+        n_gen, n_sampled, reason, stop_text, t_first = 0, 0, "length", None, 0.0
         while n_gen < limit:
             if cancel is not None and cancel.is_set():
                 reason = "cancelled"
                 break
             token = self._sample()
-            n_gen += 1
-            if n_gen == 1:
+            n_sampled += 1
+            if n_sampled == 1:
                 t_first = time.perf_counter() - t0
             if self.is_end_of_generation(token):
                 reason, stop_text = "stop", self.token_bytes_special(token)
                 break
+            n_gen += 1
             text, hit = stops.push(decoder.decode(self.token_bytes(token)))
             if hit is not None:
                 if text:
@@ -141,7 +143,7 @@ class Backend(ABC):
             timings=Timings(
                 prompt_tokens=len(prompt) - cached,
                 prompt_s=t_prompt - t0,
-                generated_tokens=n_gen,
+                generated_tokens=n_sampled,
                 generate_s=t_end - t_prompt,
                 first_token_s=t_first,
             ),

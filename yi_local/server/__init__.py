@@ -1,0 +1,1 @@
+"""The local OpenAI-compatible HTTP server and its web chat page."""
