@@ -22,18 +22,20 @@ def temp_name(final: Path) -> Path:
 
 
 @contextmanager
-def atomic_output(final: Path, force: bool = False) -> Iterator[Path]:
+def atomic_output(final: Path, force: bool = False, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it to `final` if the block succeeds.
 
     On any failure, Ctrl+C included, the temporary file is removed and `final` is untouched.
+    `durable=False` skips the fsync, for scratch files that are deleted after use.
     """
     check_writable(final, force)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, final)
     except OSError as e:
         tmp.unlink(missing_ok=True)

@@ -118,10 +118,11 @@ def convert(
     n_params = sum(math.prod(p.shape) for p in plans)
     base_path = keep_path or quant_paths[0].with_name(f".{model_name}-{unquantized.name}.{os.getpid()}.intermediate.gguf")
     try:
-        with atomic_output(base_path, force=True) as tmp:
+        with atomic_output(base_path, force=True, durable=keep_path is not None) as tmp:
             task = progress.task(f"convert → {unquantized.name}", total)
             try:
-                write_gguf(tmp, _metadata_writer(model_name, params, vocab, unquantized), plans, threads, task.advance)
+                write_gguf(tmp, _metadata_writer(model_name, params, vocab, unquantized), plans, threads, task.advance,
+                           direct_io=keep_path is not None)
             finally:
                 task.close()
             verify_gguf(tmp, plans)

@@ -16,7 +16,8 @@ import numpy as np
 from gguf import GGUFReader, GGUFWriter
 
 from converters.checkpoint import ShardReader
-from converters.tensors import CHUNK_BYTES, TensorPlan, convert_rows, permute_rows
+from converters.sink import Sink, open_sink
+from converters.tensors import TensorPlan, convert_rows, permute_rows
 from yi_local.errors import YiLocalError
 
 ProgressFn = Callable[[int], None]  # called with the number of source bytes just converted
@@ -28,8 +29,13 @@ def write_gguf(
     plans: list[TensorPlan],
     threads: int = 2,
     on_progress: ProgressFn | None = None,
+    direct_io: bool = True,
 ) -> None:
-    """Write `writer`'s metadata and the planned tensors to `path` (a temporary name)."""
+    """Write `writer`'s metadata and the planned tensors to `path` (a temporary name).
+
+    `direct_io=False` for a file that is read again right away (the quantization intermediate):
+    then the page cache holding it is worth its cost.
+    """
     for p in plans:
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.out_type)
     writer.open_output_file(path)
@@ -39,32 +45,38 @@ def write_gguf(
     assert writer.fout is not None
     fout = writer.fout[0]
     writer.write_padding(fout, fout.tell())
+    sink = open_sink(fout, path, direct=direct_io)
     try:
-        _stream_tensors(fout, plans, threads, on_progress, writer.data_alignment)
+        _stream_tensors(sink, plans, threads, on_progress, writer.data_alignment)
     finally:
+        sink.close()
         writer.close()
 
 
-def _stream_tensors(fout, plans: list[TensorPlan], threads: int, on_progress: ProgressFn | None, align: int) -> None:
+def _stream_tensors(sink: Sink, plans: list[TensorPlan], threads: int, on_progress: ProgressFn | None, align: int) -> None:
     n_slots = max(1, threads) + 1
-    free: list[np.ndarray] = [np.empty(CHUNK_BYTES + (1 << 16), dtype=np.uint8) for _ in range(n_slots)]
-    pending: deque[tuple[Future, np.ndarray, TensorPlan, bool, int]] = deque()
+    values = max((max(b - a for a, b in p.row_chunks()) * p.src.row_len for p in plans), default=1)
+    itemsize = max((p.src.itemsize for p in plans), default=4)
+    free: list[_Slot] = [_Slot(values, itemsize) for _ in range(n_slots)]
+    pending: deque[tuple[Future, _Slot, TensorPlan, bool, int]] = deque()
 
-    def work(plan: TensorPlan, fd: int | None, start: int, stop: int, buf: np.ndarray) -> np.ndarray:
-        rows = plan.src.read_rows(fd, start, stop, buf)
+    def work(plan: TensorPlan, fd: int | None, start: int, stop: int, slot: _Slot) -> np.ndarray:
+        rows = plan.src.read_rows(fd, start, stop, slot.src)
         if plan.permute_heads:
-            rows = permute_rows(rows, plan.permute_heads * (stop - start) // plan.src.n_rows)
+            permuted = permute_rows(rows, plan.permute_heads * (stop - start) // plan.src.n_rows)
+            rows = slot.permuted[: rows.nbytes].view(rows.dtype).reshape(rows.shape)
+            np.copyto(rows, permuted)
         if len(plan.shape) == 1:
             rows = rows.reshape(-1)
-        return convert_rows(rows, plan.src.dtype, plan.out_type)
+        return convert_rows(rows, plan.src.dtype, plan.out_type, slot.scratch, slot.out)
 
     def write_oldest() -> None:
         future, buf, plan, last, src_bytes = pending.popleft()
         data = future.result()
-        fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        sink.write(memoryview(np.ascontiguousarray(data)).cast("B"))
         if last:
             pad = GGUFWriter.ggml_pad(plan.nbytes, align) - plan.nbytes
-            fout.write(b"\0" * pad)
+            sink.write(memoryview(b"\0" * pad))
         free.append(buf)
         if on_progress:
             on_progress(src_bytes)
@@ -86,7 +98,16 @@ def _stream_tensors(fout, plans: list[TensorPlan], threads: int, on_progress: Pr
         finally:
             for future, *_ in pending:
                 future.cancel()
-    fout.flush()
+
+
+class _Slot:
+    """Buffers for one chunk in flight, reused so the conversion loop allocates nothing."""
+
+    def __init__(self, values: int, itemsize: int) -> None:
+        self.src = np.empty(values * itemsize, dtype=np.uint8)
+        self.permuted = np.empty(values * itemsize, dtype=np.uint8)
+        self.scratch = np.empty(values, dtype=np.float32)
+        self.out = np.empty(values * 4, dtype=np.uint8)  # F32 output is the widest: 4 bytes per value
 
 
 def verify_gguf(path: Path, plans: list[TensorPlan]) -> None:

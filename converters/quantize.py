@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from converters.atomic import atomic_output
+from converters.llama_lib import llama_cpp as load_llama_cpp
 from converters.quant_types import QuantType
 from yi_local.errors import YiLocalError
 
@@ -25,14 +26,7 @@ def quantize_file(
     on_progress: Callable[[int], None] | None = None,
 ) -> None:
     """Quantize the GGUF `src` into `dest` atomically; `on_progress` gets the bytes written so far."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise YiLocalError(
-            "quantization needs llama-cpp-python, which is not installed",
-            hint="install it with `pip install llama-cpp-python` (see the README for Metal/CUDA builds)",
-        ) from None
-
+    llama_cpp = load_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads
     params.ftype = int(quant.ftype)

@@ -108,25 +108,50 @@ def permute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
     return rows.reshape(n_heads, 2, n_rows // n_heads // 2, cols).swapaxes(1, 2).reshape(n_rows, cols)
 
 
-def to_float32(rows: np.ndarray, src_dtype: str) -> np.ndarray:
+def _view(buf: np.ndarray, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+    """The first bytes of the reusable buffer `buf` seen as an array of `dtype` and `shape`."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return buf.view(np.uint8)[:n].view(dtype).reshape(shape)
+
+
+def to_float32(rows: np.ndarray, src_dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows as float32; bf16 (uint16 bits) widens exactly by a shift. `out` is a reusable buffer."""
+    if src_dtype == "F32":
+        return rows
     if src_dtype == "BF16":
-        return (rows.astype(np.uint32) << 16).view(np.float32)
-    return rows.astype(np.float32, copy=False)
+        bits = np.left_shift(rows, 16, dtype=np.uint32, out=None if out is None else _view(out, np.uint32, rows.shape))
+        return bits.view(np.float32)
+    if out is None:
+        return rows.astype(np.float32)
+    f32 = _view(out, np.float32, rows.shape)
+    np.copyto(f32, rows)
+    return f32
 
 
-def convert_rows(rows: np.ndarray, src_dtype: str, out_type: GGMLQuantizationType) -> np.ndarray:
-    """Rows in the source dtype (BF16 as uint16) to the bytes of `out_type`."""
+def convert_rows(
+    rows: np.ndarray, src_dtype: str, out_type: GGMLQuantizationType, scratch: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Rows in the source dtype (BF16 as uint16) to the bytes of `out_type`.
+
+    `scratch` (float32, one element per value) and `out` (bytes) are reusable buffers: with them the
+    common paths allocate nothing, which keeps page faults (and time) out of the conversion loop.
+    """
     if out_type == BF16:
-        return rows if src_dtype == "BF16" else quantize(to_float32(rows, src_dtype), BF16)
+        return rows if src_dtype == "BF16" else quantize(to_float32(rows, src_dtype, scratch), BF16)
     if out_type == F16 and src_dtype == "F16":
         return rows
     if out_type == F32 and src_dtype == "F32":
         return rows
-    f32 = to_float32(rows, src_dtype)
+    f32 = to_float32(rows, src_dtype, out if out_type == F32 and out is not None else scratch)
     if out_type == F32:
         return f32
     if out_type == F16:
-        return f32.astype(np.float16)
+        if out is None:
+            return f32.astype(np.float16)
+        f16 = _view(out, np.float16, f32.shape)
+        np.copyto(f16, f32, casting="same_kind")
+        return f16
     if out_type == Q8_0:
         return quantize(f32, Q8_0)
     raise ValueError(f"unsupported output type {out_type!r}")  # plan_tensors never makes one

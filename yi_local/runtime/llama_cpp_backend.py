@@ -13,6 +13,7 @@ import os
 import threading
 from pathlib import Path
 
+from converters.llama_lib import llama_cpp
 from yi_local import hardware
 from yi_local.errors import YiLocalError
 from yi_local.runtime.backend import Backend, ModelInfo
@@ -20,24 +21,6 @@ from yi_local.runtime.offload import plan_offload
 from yi_local.runtime.params import LoadOptions, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-_backend_ready = False
-_backend_lock = threading.Lock()
-
-
-def _llama():
-    """Import llama_cpp once, quiet unless yi-local runs verbose, and initialize its backend."""
-    global _backend_ready
-    import llama_cpp
-
-    with _backend_lock:
-        if not _backend_ready:
-            verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
-            logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
-            llama_cpp.llama_backend_init()
-            _backend_ready = True
-    return llama_cpp
-
 
 def check_gguf(path: Path) -> None:
     if not path.is_file():
@@ -82,7 +65,7 @@ class LlamaCppBackend(Backend):
         options = options or LoadOptions()
         path = Path(model)
         check_gguf(path)
-        L = self._L = _llama()
+        L = self._L = llama_cpp()
         self.lock = threading.Lock()
         self._sampler = None
         self._ctx = self._model = None
