@@ -24,8 +24,12 @@ test: install
 demo: install
 	$(PY) tests/demo.py
 
+# Benchmarks synthesize Yi-6B-shaped models into bench/out (about 9 GB) and build llama.cpp's own
+# tools from the pinned llama-cpp-python sdist into .cache/ for the same-run baselines.
 bench: install
 	$(PY) bench/convert.py
+	$(PY) bench/decode.py
+	$(PY) bench/chat_ttft.py
 
 lint: install
 	$(PY) -m pip install -q ruff

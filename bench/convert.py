@@ -14,21 +14,9 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from dataclasses import replace
-from pathlib import Path
 
-from common import CORPUS, OUT, Measured, llama_cpp_source, llama_tool, machine, measure, table
-
-from converters.synthetic import YI_6B, build_checkpoint
-
-
-def synthesize(layers: int) -> Path:
-    model = OUT / f"Yi-6B-{layers}L"
-    if not (model / "model.safetensors.index.json").is_file():
-        print(f"synthesizing {model} (Yi-6B shapes, {layers} layers)…", flush=True)
-        shutil.rmtree(model, ignore_errors=True)
-        build_checkpoint(model, CORPUS, variant="chat", dims=replace(YI_6B, layers=layers), fast_weights=True)
-    return model
+from common import OUT, Measured, llama_cpp_source, llama_tool, machine, measure, table
+from models import yi6b_checkpoint
 
 
 def main() -> int:
@@ -38,7 +26,7 @@ def main() -> int:
     ap.add_argument("--skip-baseline", action="store_true", help="time yi-local only")
     args = ap.parse_args()
 
-    model = synthesize(args.layers)
+    model = yi6b_checkpoint(args.layers)
     work = OUT / "convert-run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

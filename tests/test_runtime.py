@@ -13,6 +13,7 @@ from yi_local.runtime import Finish, LoadOptions, SamplingParams, TextDelta, loa
 from yi_local.runtime.backend import ContextOverflowError, StopMatcher
 
 GREEDY = dict(temperature=0.0)
+NO_END = {2: -100.0, 7: -100.0}  # keep the random model talking: <|endoftext|> and <|im_end|> both end a reply
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +67,14 @@ def test_logit_bias_forcing_im_end_stops_with_no_text(backend):
 
 def test_max_tokens_gives_length(backend):
     prompt = backend.tokenize("The model")
-    text, ids, finish = collect(backend.generate(prompt, SamplingParams(max_tokens=5, logit_bias={7: -100.0}, **GREEDY)))
+    text, ids, finish = collect(backend.generate(prompt, SamplingParams(max_tokens=5, logit_bias=NO_END, **GREEDY)))
     assert finish.reason == "length" and finish.usage.completion_tokens == 5 and len(ids) == 5
     assert finish.usage.prompt_tokens == len(prompt)
 
 
 def test_stop_string_never_leaks(backend):
     prompt = backend.tokenize("Numbers and words")
-    params = SamplingParams(max_tokens=24, logit_bias={7: -100.0}, **GREEDY)
+    params = SamplingParams(max_tokens=24, logit_bias=NO_END, **GREEDY)
     full, _, _ = collect(backend.generate(prompt, params))
     assert len(full) > 6
     stop = full[3:6]
@@ -98,7 +99,7 @@ def test_kv_cache_is_reused_across_turns(backend):
 
 def test_reuse_gives_the_same_tokens_as_a_fresh_cache(chat_gguf, backend):
     prompt = backend.tokenize("same prompt twice, 同样的提示")
-    params = SamplingParams(max_tokens=8, logit_bias={7: -100.0}, **GREEDY)
+    params = SamplingParams(max_tokens=8, logit_bias=NO_END, **GREEDY)
     _, warm_ids, warm = collect(backend.generate(prompt, params))
     _, again_ids, again = collect(backend.generate(prompt, params))
     assert again.usage.cached_tokens == len(prompt) - 1
@@ -117,14 +118,14 @@ def test_prompt_longer_than_context_is_refused(backend):
 def test_generation_stops_at_the_context_end(backend):
     prompt = backend.tokenize("x y " * 100)[:250]
     assert len(prompt) > 200
-    _, _, finish = collect(backend.generate(prompt, SamplingParams(max_tokens=100, logit_bias={7: -100.0})))
+    _, _, finish = collect(backend.generate(prompt, SamplingParams(max_tokens=100, logit_bias=NO_END)))
     assert finish.reason == "length" and finish.usage.completion_tokens == 256 - len(prompt)
 
 
 def test_cancel_stops_generation(backend):
     cancel = threading.Event()
     events = []
-    for event in backend.generate(backend.tokenize("go on"), SamplingParams(max_tokens=100, logit_bias={7: -100.0}), cancel):
+    for event in backend.generate(backend.tokenize("go on"), SamplingParams(max_tokens=100, logit_bias=NO_END), cancel):
         events.append(event)
         if len(events) == 3:
             cancel.set()
@@ -132,7 +133,7 @@ def test_cancel_stops_generation(backend):
 
 
 def test_seeded_sampling_is_reproducible(backend):
-    params = SamplingParams(max_tokens=10, temperature=1.0, seed=42, logit_bias={7: -100.0})
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=42, logit_bias=NO_END)
     prompt = backend.tokenize("Once upon a time")
     assert collect(backend.generate(prompt, params))[1] == collect(backend.generate(prompt, params))[1]
 
@@ -174,3 +175,40 @@ def test_stop_matcher(chunks, stops, expected_text, expected_stop):
     if hit is None:
         out += m.flush()
     assert (out, hit) == (expected_text, expected_stop)
+
+
+def test_chat_turns_keep_the_generated_reply_tokens(backend):
+    """Turn 2's prompt reuses turn 1's prompt and reply ids from the cache, even where re-tokenizing
+    the reply would give other ids, so only the new message is evaluated."""
+    backend.reset()
+    turn1 = [{"role": "user", "content": "Tell me something, 说点什么"}]
+    prompt1 = backend.chat_tokens(turn1)
+    assert prompt1 == backend.tokenize(backend.render_chat(turn1), special=True)  # empty cache: canonical
+    # Plain letters (a grammar), so the reply's text is valid UTF-8 as a real model's would be.
+    params = SamplingParams(max_tokens=12, temperature=0, grammar="root ::= [a-z ]+")
+    text, ids, _ = collect(backend.generate(prompt1, params))
+    assert len(ids) == 12
+    turn2 = turn1 + [{"role": "assistant", "content": text}, {"role": "user", "content": "and more"}]
+    prompt2 = backend.chat_tokens(turn2)
+    assert prompt2[: len(prompt1) + 11] == prompt1 + ids[:11]  # the reply's own ids (the 12th was never fed)
+    assert backend.render_chat(turn2).encode() == b"".join(backend._piece(t) for t in prompt2)
+    _, _, finish = collect(backend.generate(prompt2, SamplingParams(max_tokens=1, temperature=0)))
+    assert finish.usage.cached_tokens == len(prompt1) + 11
+    new_part = backend.tokenize("<|im_end|>\n<|im_start|>user\nand more<|im_end|>\n<|im_start|>assistant\n", special=True)
+    assert finish.timings.prompt_tokens <= len(new_part) + 1
+
+
+def test_an_unrelated_cache_never_changes_tokenization(backend):
+    backend.reset()
+    collect(backend.generate(backend.chat_tokens([{"role": "user", "content": "Hello there"}]), SamplingParams(max_tokens=3)))
+    other = [{"role": "user", "content": "Hello therapist"}]
+    assert backend.chat_tokens(other) == backend.tokenize(backend.render_chat(other), special=True)
+
+
+def test_same_prompt_after_a_reply_tokenizes_the_same(backend):
+    """A cache holding prompt + reply gives the prompt alone back unchanged (no stray reply token)."""
+    backend.reset()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello Yi, 你好！"}]
+    first = backend.chat_tokens(messages)
+    collect(backend.generate(first, SamplingParams(max_tokens=10, temperature=0, logit_bias=NO_END)))
+    assert backend.chat_tokens(messages) == first

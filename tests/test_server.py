@@ -13,7 +13,7 @@ import pytest
 from tests.server_helpers import running_server
 from yi_local.runtime import LoadOptions, SamplingParams, TextDelta, load_backend
 
-NO_EOS = {"7": -100.0}  # keep the random model talking
+NO_EOS = {"2": -100.0, "7": -100.0}  # keep the random model talking (both end a reply)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_chat_non_streamed_matches_library_and_counts_usage(client, reference):
     resp = client.chat.completions.create(model="Yi-Tiny-chat", messages=MESSAGES, max_tokens=10, temperature=0,
                                           logit_bias=NO_EOS)  # fmt: skip
     text, finish = library_reply(reference, reference.chat_tokens(MESSAGES), max_tokens=10, temperature=0,
-                                 logit_bias={7: -100.0})  # fmt: skip
+                                 logit_bias={2: -100.0, 7: -100.0})  # fmt: skip
     assert resp.object == "chat.completion" and resp.id.startswith("chatcmpl-")
     assert resp.choices[0].message.role == "assistant"
     assert resp.choices[0].message.content == text
@@ -103,7 +103,7 @@ def test_completions(client, reference):
     resp = client.completions.create(model="Yi-Tiny-chat", prompt="The capital of France is", max_tokens=8,
                                      temperature=0, logit_bias=NO_EOS)  # fmt: skip
     text, _ = library_reply(reference, reference.tokenize("The capital of France is"), max_tokens=8, temperature=0,
-                            logit_bias={7: -100.0})  # fmt: skip
+                            logit_bias={2: -100.0, 7: -100.0})  # fmt: skip
     assert resp.object == "text_completion" and resp.choices[0].text == text
     assert resp.usage.prompt_tokens == len(reference.tokenize("The capital of France is"))
     streamed = client.completions.create(model="Yi-Tiny-chat", prompt="The capital of France is", max_tokens=8,

@@ -60,7 +60,7 @@ def test_chat_page_streams_and_stops(browser, medium_gguf):
         wait_for(lambda: browser.find_element(By.ID, "model").text == "Yi-Medium", what="model name")
         browser.execute_script(
             "window.fetch = ((orig) => (url, opts) => {"
-            "  if (opts && opts.body) { const b = JSON.parse(opts.body); b.logit_bias = {'7': -100};"
+            "  if (opts && opts.body) { const b = JSON.parse(opts.body); b.logit_bias = {'2': -100, '7': -100};"
             "    b.max_tokens = 6000; opts = Object.assign({}, opts, {body: JSON.stringify(b)}); }"
             "  return orig(url, opts); })(window.fetch);"
         )

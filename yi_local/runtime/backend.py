@@ -49,16 +49,34 @@ class Backend(ABC):
     info: ModelInfo
     # Serializes generation: one request owns the model's KV cache at a time.
     lock: threading.Lock
+    _pieces: dict[int, bytes]  # token id -> its text, special tokens spelled out
 
     # -- model-specific steps -------------------------------------------------------------
     @abstractmethod
     def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]: ...
 
     @abstractmethod
-    def token_bytes(self, token: int) -> bytes: ...
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """The token's bytes; with `special`, control tokens are spelled out (b"<|im_end|>")."""
 
     @abstractmethod
     def is_end_of_generation(self, token: int) -> bool: ...
+
+    @abstractmethod
+    def special_texts(self) -> frozenset[bytes]:
+        """The text of every special (control) token, e.g. b"<|im_end|>"."""
+
+    @abstractmethod
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose keys and values the cache holds now, in order."""
+
+    @abstractmethod
+    def cached_generated(self) -> list[bool]:
+        """For each cached token: True if the model generated it, False if it came from a prompt."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Empty the KV cache."""
 
     @abstractmethod
     def _prefill(self, tokens: list[int]) -> int:
@@ -86,7 +104,39 @@ class Backend(ABC):
         return render_chat(self.info, messages, add_generation_prompt)
 
     def chat_tokens(self, messages: Sequence[dict]) -> list[int]:
-        return self.tokenize(self.render_chat(messages), special=True, add_bos=self.add_bos)
+        return self.tokens_reusing_cache(self.render_chat(messages))
+
+    def tokens_reusing_cache(self, text: str) -> list[int]:
+        """Tokens for `text` (special tokens parsed) that keep what the KV cache already holds.
+
+        A previous reply re-tokenized often differs from the ids that were generated, which would
+        end token-level reuse there. So cached tokens are kept as long as their text is a prefix of
+        `text`, up to the last point that is either followed by a special token or is the end of
+        the model's own generated tokens; the rest is tokenized as usual. Special tokens split
+        tokenization into independent pieces, so text from a prompt is never tokenized differently
+        than plain tokenization would, and a reply keeps the ids the model generated.
+        """
+        data = text.encode("utf-8")
+        specials = self.special_texts()
+        cached, generated = self.cached_tokens(), self.cached_generated()
+        keep = kept_bytes = pos = 0
+        for i, token in enumerate(cached):
+            piece = self._piece(token)
+            if not piece or not data.startswith(piece, pos):  # an empty piece proves nothing: stop
+                break
+            pos += len(piece)
+            end_of_reply = generated[i] and (i + 1 == len(cached) or not generated[i + 1])
+            if end_of_reply or pos == len(data) or any(data.startswith(s, pos) for s in specials):
+                keep, kept_bytes = i + 1, pos
+        if keep == 0:
+            return self.tokenize(text, special=True, add_bos=self.add_bos)
+        return cached[:keep] + self.tokenize(data[kept_bytes:].decode("utf-8"), special=True)
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.token_bytes(token, special=True)
+        return piece
 
     def generate(
         self, prompt: list[int], params: SamplingParams, cancel: threading.Event | None = None
@@ -151,7 +201,7 @@ class Backend(ABC):
         )
 
     def token_bytes_special(self, token: int) -> str:
-        return self.token_bytes(token).decode("utf-8", errors="replace")
+        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
 
 
 class StopMatcher:

@@ -67,6 +67,8 @@ class LlamaCppBackend(Backend):
         check_gguf(path)
         L = self._L = llama_cpp()
         self.lock = threading.Lock()
+        self._pieces = {}
+        self._specials: frozenset[bytes] | None = None
         self._sampler = None
         self._ctx = self._model = None
         header = _read_header(path)
@@ -109,6 +111,7 @@ class LlamaCppBackend(Backend):
         self._mem = L.llama_get_memory(self._ctx)
         self._n_batch = options.n_batch
         self._cache: list[int] = []  # the tokens whose K/V sit in the cache, in order
+        self._generated: list[bool] = []  # per cached token: sampled by the model (not from a prompt)
         self._one = (L.llama_token * 1)()
         self._add_bos = bool(L.llama_vocab_get_add_bos(self._vocab))
         bos, eos = L.llama_vocab_bos(self._vocab), L.llama_vocab_eos(self._vocab)
@@ -149,17 +152,34 @@ class LlamaCppBackend(Backend):
             n = self._L.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
 
-    def token_bytes_special(self, token: int) -> str:
-        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
-
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self._L.llama_vocab_is_eog(self._vocab, token))
+
+    def special_texts(self) -> frozenset[bytes]:
+        if self._specials is None:
+            n = self._L.llama_vocab_n_tokens(self._vocab)
+            is_control = self._L.llama_vocab_is_control
+            self._specials = frozenset(
+                self.token_bytes(t, special=True) for t in range(n) if is_control(self._vocab, t)
+            ) - {b""}
+        return self._specials
+
+    def cached_tokens(self) -> list[int]:
+        return self._cache
+
+    def cached_generated(self) -> list[bool]:
+        return self._generated
+
+    def reset(self) -> None:
+        with self.lock:
+            self._L.llama_memory_clear(self._mem, True)
+            self._cache, self._generated = [], []
 
     # -- evaluation --------------------------------------------------------------------------
     def _decode(self, tokens, n: int) -> None:
         rc = self._L.llama_decode(self._ctx, self._L.llama_batch_get_one(tokens, n))
         if rc != 0:
-            self._cache = []
+            self._cache, self._generated = [], []
             self._L.llama_memory_clear(self._mem, True)
             raise YiLocalError(f"llama.cpp failed to evaluate {n} token(s) (code {rc})",
                                hint="the context may be full; start a new conversation or raise --ctx")  # fmt: skip
@@ -175,6 +195,7 @@ class LlamaCppBackend(Backend):
             self._L.llama_memory_clear(self._mem, True)
             reuse = 0
         self._cache = tokens[:reuse]
+        self._generated = self._generated[:reuse]
         todo = tokens[reuse:]
         arr = (self._L.llama_token * len(todo))(*todo)
         for start in range(0, len(todo), self._n_batch):
@@ -182,12 +203,14 @@ class LlamaCppBackend(Backend):
             self._decode(ctypes.cast(ctypes.byref(arr, start * ctypes.sizeof(self._L.llama_token)),
                                      ctypes.POINTER(self._L.llama_token)), n)  # fmt: skip
             self._cache.extend(todo[start : start + n])
+            self._generated.extend([False] * n)
         return reuse
 
     def _feed(self, token: int) -> None:
         self._one[0] = token
         self._decode(self._one, 1)
         self._cache.append(token)
+        self._generated.append(True)
 
     # -- sampling ----------------------------------------------------------------------------
     def _begin_sampling(self, params: SamplingParams, prompt: list[int]) -> None:

@@ -1,0 +1,31 @@
+"""Benchmark models: Yi-6B's real tensor shapes with fewer layers, synthesized once into bench/out."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from common import CORPUS, OUT
+
+from converters.synthetic import YI_6B, build_checkpoint
+
+
+def yi6b_checkpoint(layers: int = 8) -> Path:
+    model = OUT / f"Yi-6B-{layers}L"
+    if not (model / "model.safetensors.index.json").is_file():
+        print(f"synthesizing {model} (Yi-6B shapes, {layers} layers)…", flush=True)
+        shutil.rmtree(model, ignore_errors=True)
+        build_checkpoint(model, CORPUS, variant="chat", dims=replace(YI_6B, layers=layers), fast_weights=True)
+    return model
+
+
+def yi6b_gguf(quant: str = "Q4_K_M", layers: int = 8) -> Path:
+    path = OUT / f"Yi-6B-{layers}L-{quant}.gguf"
+    if not path.is_file():
+        model = yi6b_checkpoint(layers)
+        subprocess.run([sys.executable, "-m", "yi_local", "convert", str(model), "--q", quant, "-o", str(path)],
+                       check=True)  # fmt: skip
+    return path
