@@ -14,6 +14,7 @@ from yi_local.errors import YiLocalError
 COMMANDS = {
     "convert": ("convert", "convert a Hugging Face Yi model folder to GGUF and quantize it"),
     "run": ("run", "generate one reply from a model and stream it to stdout"),
+    "chat": ("chat", "chat with a model in the terminal"),
     "serve": ("serve", "serve a model over a local OpenAI-compatible HTTP API with a web chat page"),
 }
 

@@ -1,0 +1,83 @@
+"""A backend that plays scripted replies through the runtime interface, for tests that need exact timing.
+
+One token per character of the prompt; replies come as word-sized deltas. With `paced=True` each delta
+waits for `step()`, so a test can act (press Esc) between two deltas.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+from converters.vocab import YI_CHAT_TEMPLATE
+from yi_local.runtime import Event, Finish, SamplingParams, TextDelta, Timings, Usage
+from yi_local.runtime.backend import Backend, ModelInfo
+
+
+class ScriptedBackend(Backend):
+    def __init__(self, replies: list[str], paced: bool = False, n_ctx: int = 4096):
+        self.info = ModelInfo(name="Yi-Scripted", path="scripted.gguf", quantization="Q4_K_M", n_ctx=n_ctx,
+                              n_ctx_train=4096, n_layers=2, offload="CPU", backend="scripted",
+                              chat_template=YI_CHAT_TEMPLATE, bos_token="<|startoftext|>", eos_token="<|im_end|>")  # fmt: skip
+        self.lock = threading.Lock()
+        self._pieces = {}
+        self.replies = list(replies)
+        self.paced = paced
+        self._steps = threading.Semaphore(0)
+        self.prompts: list[list[int]] = []  # every prompt generate() was given
+        self.params: list[SamplingParams] = []
+        self.resets = 0
+
+    def step(self, n: int = 1) -> None:
+        for _ in range(n):
+            self._steps.release()
+
+    def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        return chr(token).encode()
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return False
+
+    def special_texts(self) -> frozenset[bytes]:
+        return frozenset()
+
+    def cached_tokens(self) -> list[int]:
+        return []
+
+    def cached_generated(self) -> list[bool]:
+        return []
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def _prefill(self, tokens):  # pragma: no cover - generate() is scripted
+        raise NotImplementedError
+
+    def _begin_sampling(self, params, prompt):  # pragma: no cover
+        raise NotImplementedError
+
+    def _sample(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def _feed(self, token):  # pragma: no cover
+        raise NotImplementedError
+
+    def generate(self, prompt: list[int], params: SamplingParams, cancel: threading.Event | None = None) -> Iterator[Event]:
+        self.prompts.append(prompt)
+        self.params.append(params)
+        reply = self.replies.pop(0) if self.replies else "OK."
+        words = reply.split(" ")
+        n = 0
+        reason = "stop"
+        for i, word in enumerate(words):
+            if self.paced:
+                self._steps.acquire(timeout=30)
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
+                break
+            n += 1
+            yield TextDelta(word + (" " if i < len(words) - 1 else ""), (i,))
+        yield Finish(reason, Usage(len(prompt), n), Timings(len(prompt), 0.05, n, n / 25.0, 0.06))

@@ -1,0 +1,339 @@
+"""The chat app: a conversation that streams replies from the runtime's events, slash commands, sessions.
+
+The model loads in a worker thread while the screen is already live; each reply is generated in a
+worker thread and its events reach the UI through `call_from_thread`. Esc sets the reply's cancel
+event: the runtime ends it at the next token and the text written so far stays.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.widgets import Footer, ProgressBar, Static
+
+from tui.commands import COMMANDS, matches, parse
+from tui.screens.help import HelpScreen
+from tui.session import Session, list_sessions, load_session, save_session
+from tui.widgets.messages import ChatLog, NoticeMessage, ReplyMessage, UserMessage
+from tui.widgets.prompt import PromptInput
+from tui.widgets.status import StatusBar
+from yi_local.errors import YiLocalError
+from yi_local.runtime import Finish, SamplingParams, TextDelta
+from yi_local.runtime.backend import Backend, ContextOverflowError
+
+Loader = Callable[[Callable[[float], None]], Backend]  # called with a progress callback (0..1)
+
+# Warn when a turn leaves less than this share of the context free.
+CONTEXT_WARNING = 0.85
+
+
+class ChatApp(App[None]):
+    CSS_PATH = "chat.tcss"
+    TITLE = "yi-local chat"
+    BINDINGS = [
+        Binding("escape", "stop_reply", "Stop reply", show=True),
+        Binding("f1", "help", "Help", show=True),
+        Binding("ctrl+q", "quit", "Quit", show=True, priority=True),
+    ]
+
+    def __init__(self, loader: Loader, session: Session | None = None, session_name: str | None = None,
+                 base_params: SamplingParams | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.loader = loader
+        self.session = session or Session()
+        self.session_name = session_name  # autosaved after every reply when set
+        self.base_params = base_params or SamplingParams()
+        self.backend: Backend | None = None
+        self.load_error: YiLocalError | None = None
+        self.cancel: threading.Event | None = None  # set while a reply is generating
+        self.context_used = 0
+
+    # -- layout ------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield StatusBar()
+        yield ProgressBar(total=100, show_eta=False, id="loading")
+        yield ChatLog()
+        yield Static("", id="hint", classes="hidden")
+        yield PromptInput(id="prompt")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.status.state = "loading model…"
+        for message in self.session.messages:
+            self._show(message["role"], message["content"])
+        self.query_one(PromptInput).focus()
+        self._load()
+
+    @property
+    def status(self) -> StatusBar:
+        return self.query_one(StatusBar)
+
+    @property
+    def log_view(self) -> ChatLog:
+        return self.query_one(ChatLog)
+
+    @property
+    def generating(self) -> bool:
+        return self.cancel is not None
+
+    def _show(self, role: str, text: str) -> None:
+        self.log_view.add(UserMessage(text) if role == "user" else ReplyMessage(text))
+
+    def notice(self, text: str, kind: str = "info") -> None:
+        self.log_view.add(NoticeMessage(text, kind))
+
+    # -- loading -----------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="load")
+    def _load(self) -> None:
+        bar = self.query_one("#loading", ProgressBar)
+
+        def progress(p: float) -> None:
+            if self.is_running:
+                self.call_from_thread(bar.update, progress=100 * p)
+
+        try:
+            backend = self.loader(progress)
+        except YiLocalError as e:
+            self.call_from_thread(self._load_failed, e)
+            return
+        except Exception as e:  # llama.cpp and ctypes raise assorted errors for unloadable files
+            self.call_from_thread(self._load_failed, YiLocalError(f"the model could not be loaded ({e})"))
+            return
+        self.call_from_thread(self._loaded, backend)
+
+    def _loaded(self, backend: Backend) -> None:
+        self.backend = backend
+        info = backend.info
+        self.query_one("#loading").add_class("hidden")
+        self.status.model = f"{info.name} {info.quantization}"
+        self.status.offload = f"{info.backend} {info.offload}"
+        self._update_context(0)
+        self.status.state = ""
+        self.sub_title = info.name
+
+    def _load_failed(self, error: YiLocalError) -> None:
+        self.load_error = error
+        self.query_one("#loading").add_class("hidden")
+        self.status.state = "no model"
+        self.notify(str(error), title="Could not load the model", severity="error", timeout=30)
+        self.notice(f"Could not load the model: {error.message}\n"
+                    f"{error.hint or 'Check the path, then start yi-local chat again.'}\n"
+                    "Commands still work: /help, /sessions, /quit.", kind="error")  # fmt: skip
+
+    def _update_context(self, used: int) -> None:
+        self.context_used = used
+        if self.backend is not None:
+            self.status.context = f"ctx {used}/{self.backend.info.n_ctx}"
+
+    # -- input -------------------------------------------------------------------------------
+    def on_text_area_changed(self, event: PromptInput.Changed) -> None:
+        hint = self.query_one("#hint", Static)
+        text = event.text_area.text
+        if text.startswith("/") and " " not in text and "\n" not in text:
+            found = matches(text)
+            hint.update("  ".join(f"{n} {COMMANDS[n].argument}".strip() for n in found) or "no such command")
+            hint.remove_class("hidden")
+        else:
+            hint.add_class("hidden")
+
+    def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
+        text = event.text
+        if text.startswith("/"):
+            self.run_command(text)
+        else:
+            self.send(text)
+
+    def send(self, text: str) -> None:
+        if self.generating:
+            self.notify("A reply is still being written: Esc stops it.", severity="warning")
+            return
+        if self.backend is None:
+            self.notify("No model is loaded." if self.load_error else "The model is still loading.",
+                        severity="error" if self.load_error else "warning")  # fmt: skip
+            return
+        self.session.messages.append({"role": "user", "content": text})
+        self._show("user", text)
+        self._reply()
+
+    def _reply(self) -> None:
+        view = ReplyMessage()
+        self.log_view.add(view)
+        self.cancel = threading.Event()
+        self.status.state = "writing…"
+        self._generate(view, self.session.chat_messages(), self.session.settings.sampling(self._params()), self.cancel)
+
+    def _params(self) -> SamplingParams:
+        b = self.base_params
+        return SamplingParams(top_k=b.top_k, min_p=b.min_p, repeat_penalty=b.repeat_penalty, seed=b.seed,
+                              stop=list(b.stop))  # fmt: skip
+
+    @work(thread=True, group="reply")
+    def _generate(self, view: ReplyMessage, messages: list[dict], params: SamplingParams, cancel: threading.Event) -> None:
+        backend = self.backend
+        assert backend is not None
+        try:
+            prompt = backend.chat_tokens(messages)
+            for event in backend.generate(prompt, params, cancel):
+                if isinstance(event, TextDelta):
+                    if event.text:
+                        self.call_from_thread(view.append, event.text)
+                elif isinstance(event, Finish):
+                    self.call_from_thread(self._finished, view, event)
+        except ContextOverflowError as e:
+            self.call_from_thread(self._failed, view, e, context_full=True)
+        except YiLocalError as e:
+            self.call_from_thread(self._failed, view, e)
+
+    def _finished(self, view: ReplyMessage, finish: Finish) -> None:
+        self.cancel = None
+        view.finish({"cancelled": "stopped", "length": "cut at the token limit"}.get(finish.reason))
+        self.session.messages.append({"role": "assistant", "content": view.text})
+        used = finish.usage.prompt_tokens + finish.usage.completion_tokens
+        self._update_context(used)
+        self.status.speed = f"{finish.timings.generate_tps:.1f} tok/s"
+        self.status.state = ""
+        n_ctx = self.backend.info.n_ctx if self.backend else 0
+        if n_ctx and used + self.session.settings.max_tokens > CONTEXT_WARNING * n_ctx:
+            self.notify(f"The conversation fills {used} of {n_ctx} context tokens. "
+                        "/drop forgets the oldest turn; /clear starts over.",
+                        title="Context nearly full", severity="warning", timeout=15)  # fmt: skip
+        if self.session_name:
+            self._save(self.session_name, quiet=True)
+
+    def _failed(self, view: ReplyMessage, error: YiLocalError, context_full: bool = False) -> None:
+        self.cancel = None
+        view.remove()
+        self.status.state = ""
+        if context_full:
+            self.notify(f"{error.message}. /drop forgets the oldest turn; /clear starts over.",
+                        title="Context full", severity="error", timeout=20)  # fmt: skip
+        else:
+            self.notify(str(error), title="Could not reply", severity="error", timeout=20)
+
+    def action_stop_reply(self) -> None:
+        if self.cancel is not None:
+            self.cancel.set()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    # -- slash commands ----------------------------------------------------------------------
+    def run_command(self, text: str) -> None:
+        name, arg = parse(text)
+        handler = getattr(self, f"cmd_{name.lstrip('/')}", None) if name in COMMANDS else None
+        if handler is None:
+            self.notify(f"Unknown command {name}. /help lists the commands.", severity="error")
+            return
+        try:
+            handler(arg)
+        except YiLocalError as e:
+            self.notify(str(e), severity="error")
+
+    def _set_number(self, field: str, arg: str, kind: type, low: float, high: float) -> None:
+        settings = self.session.settings
+        if not arg:
+            self.notify(f"{field} is {getattr(settings, field)}")
+            return
+        try:
+            value = kind(arg)
+        except ValueError:
+            raise YiLocalError(f"/{field} needs a number, not {arg!r}") from None
+        if not low <= value <= high:
+            raise YiLocalError(f"/{field} must be between {low} and {high}")
+        setattr(settings, field, value)
+        self.notify(f"{field} set to {value}")
+
+    def cmd_temperature(self, arg: str) -> None:
+        self._set_number("temperature", arg, float, 0.0, 2.0)
+
+    def cmd_top_p(self, arg: str) -> None:
+        self._set_number("top_p", arg, float, 0.01, 1.0)
+
+    def cmd_max_tokens(self, arg: str) -> None:
+        self._set_number("max_tokens", arg, int, 1, 1 << 20)
+
+    def cmd_system(self, arg: str) -> None:
+        if not arg:
+            self.notify(f"System prompt: {self.session.system!r}" if self.session.system else "No system prompt.")
+            return
+        self.session.system = None if arg.lower() == "none" else arg
+        self.notify("System prompt removed." if self.session.system is None else "System prompt set.")
+
+    def cmd_clear(self, arg: str) -> None:
+        if self.generating:
+            raise YiLocalError("a reply is being written: press Esc first")
+        self.session.messages.clear()
+        self.log_view.clear_messages()
+        self._update_context(0)
+        if self.backend is not None:
+            self.backend.reset()
+
+    def cmd_drop(self, arg: str) -> None:
+        if self.generating:
+            raise YiLocalError("a reply is being written: press Esc first")
+        try:
+            n = int(arg) if arg else 1
+        except ValueError:
+            raise YiLocalError(f"/drop needs a number of turns, not {arg!r}") from None
+        dropped = sum(self.session.drop_oldest_turn() for _ in range(max(0, n)))
+        self._redraw()
+        self.notify(f"Forgot the {dropped} oldest turn{'s' if dropped != 1 else ''}." if dropped else "Nothing to drop.")
+
+    def cmd_retry(self, arg: str) -> None:
+        if self.generating:
+            raise YiLocalError("a reply is being written: press Esc first")
+        if self.backend is None:
+            raise YiLocalError("no model is loaded")
+        messages = self.session.messages
+        if messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        if not messages or messages[-1]["role"] != "user":
+            raise YiLocalError("there is nothing to retry yet")
+        self._redraw()
+        self._reply()
+
+    def cmd_save(self, arg: str) -> None:
+        if not arg:
+            raise YiLocalError("/save needs a name", hint="e.g. /save trip-plans")
+        self._save(arg)
+        self.session_name = arg
+
+    def _save(self, name: str, quiet: bool = False) -> None:
+        path = save_session(name, self.session)
+        if not quiet:
+            self.notify(f"Saved as {name} ({path})")
+
+    def cmd_load(self, arg: str) -> None:
+        if self.generating:
+            raise YiLocalError("a reply is being written: press Esc first")
+        if not arg:
+            raise YiLocalError("/load needs a name", hint="/sessions lists them")
+        self.session = load_session(arg)
+        self.session_name = arg
+        self._redraw()
+        if self.backend is not None:
+            self.backend.reset()
+        self.notify(f"Loaded {arg}: {len(self.session.messages)} messages")
+
+    def cmd_sessions(self, arg: str) -> None:
+        names = list_sessions()
+        self.notice("Saved sessions: " + ", ".join(names) if names else "No saved sessions yet: /save NAME makes one.")
+
+    def cmd_help(self, arg: str) -> None:
+        self.action_help()
+
+    def cmd_quit(self, arg: str) -> None:
+        self.exit()
+
+    def _redraw(self) -> None:
+        self.log_view.clear_messages()
+        for message in self.session.messages:
+            self._show(message["role"], message["content"])
+
+    def on_unmount(self) -> None:
+        if self.cancel is not None:
+            self.cancel.set()

@@ -1,0 +1,45 @@
+"""Chat with a model in the terminal (a Textual app).
+
+Enter sends, Ctrl+J makes a new line, Esc stops a reply (keeping what was written), Up/Down recall
+earlier prompts, F1 or /help shows keys and commands. Sessions are saved as JSON under
+$YI_LOCAL_HOME/sessions (default: the platform's user data folder).
+
+Examples:
+  yi-local chat Yi-6B-Chat-Q4_K_M.gguf
+  yi-local chat Yi-6B-Chat-Q4_K_M.gguf --system "Answer briefly." --session work
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from yi_local.commands.options import add_runtime_args, add_sampling_args, load_options, sampling_params
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="a .gguf file")
+    p.add_argument("--system", default=None, help="system prompt for a new conversation")
+    p.add_argument("--session", default=None, metavar="NAME",
+                   help="resume the saved session NAME (or start it), saving after every reply")  # fmt: skip
+    add_runtime_args(p)
+    add_sampling_args(p, max_tokens=1024)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tui.app import ChatApp
+    from tui.session import Session, Settings, list_sessions, load_session
+    from yi_local.runtime import load_backend
+
+    if args.session and args.session in list_sessions():
+        session = load_session(args.session)
+    else:
+        session = Session(settings=Settings(temperature=args.temperature, top_p=args.top_p,
+                                            max_tokens=args.max_tokens))  # fmt: skip
+    if args.system:
+        session.system = args.system
+
+    def loader(progress):
+        return load_backend(args.model, load_options(args, on_progress=progress))
+
+    ChatApp(loader, session=session, session_name=args.session, base_params=sampling_params(args)).run()
+    return 0
