@@ -139,3 +139,51 @@ def convert(
         if keep_path is None:
             base_path.unlink(missing_ok=True)
     return result
+
+
+def requantize(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    quants: Sequence[str] = (),
+    threads: int | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """Quantize an existing (unquantized) GGUF to each of `quants` with llama.cpp."""
+    progress = progress or NullProgress()
+    path = Path(src)
+    quant_types = list(dict.fromkeys(parse_quant(q) for q in quants))
+    if not quant_types:
+        raise YiLocalError(f"{path.name} is already a GGUF", hint="give --q TYPE to quantize it to another level")
+    _check_unquantized(path)
+    stem = path.stem
+    for suffix in ("-F32", "-F16", "-BF16", "-f32", "-f16", "-bf16"):
+        stem = stem.removesuffix(suffix)
+    _, dests = _output_paths(Path(out) if out is not None else None, stem, OUT_TYPES["F16"], False, quant_types)
+    for dest in dests:
+        check_writable(dest, force)
+    result = ConvertResult(files=[], model_name=stem, is_chat=False)
+    size = path.stat().st_size
+    for quant, dest in zip(quant_types, dests):
+        task = progress.task(f"quantize → {quant.name}", int(size * quant.bits_per_weight / 16))
+        try:
+            quantize_file(path, dest, quant, threads or default_threads(), force, on_progress=task.update)
+        finally:
+            task.close()
+        result.files.append(dest)
+    return result
+
+
+def _check_unquantized(path: Path) -> None:
+    from gguf import GGUFReader, LlamaFileType
+
+    try:
+        field = GGUFReader(path).get_field("general.file_type")
+    except Exception as e:  # not a GGUF, truncated, ...
+        raise YiLocalError(f"{path} is not a readable GGUF file ({e})", hint="convert the model folder again") from None
+    file_type = LlamaFileType(int(field.contents())) if field is not None else LlamaFileType.ALL_F32
+    if file_type not in (LlamaFileType.ALL_F32, LlamaFileType.MOSTLY_F16, LlamaFileType.MOSTLY_BF16):
+        raise YiLocalError(
+            f"{path.name} is already quantized ({file_type.name.replace('MOSTLY_', '')})",
+            hint="quantize from the Hugging Face folder or an F16/BF16 GGUF: quantizing twice loses quality",
+        )

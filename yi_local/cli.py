@@ -16,6 +16,11 @@ COMMANDS = {
     "run": ("run", "generate one reply from a model and stream it to stdout"),
     "chat": ("chat", "chat with a model in the terminal"),
     "serve": ("serve", "serve a model over a local OpenAI-compatible HTTP API with a web chat page"),
+    "pull": ("pull", "download, convert and quantize a model into the store"),
+    "list": ("list_models", "list the models in the store"),
+    "show": ("show", "show a model's metadata"),
+    "rm": ("rm", "remove a model from the store"),
+    "doctor": ("doctor", "what this machine has, and which Yi models fit it"),
 }
 
 

@@ -52,12 +52,29 @@ def gpu_free_bytes(kind: str | None) -> int | None:
     return None
 
 
+def cpu_name() -> str:
+    if platform.system() == "Darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip() or platform.machine()  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def system_summary() -> dict[str, str]:
     import psutil
 
     return {
         "os": f"{platform.system()} {platform.release()}",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cores": str(cpu_count()),
         "ram": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
     }

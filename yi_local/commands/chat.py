@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import argparse
 
-from yi_local.commands.options import add_runtime_args, add_sampling_args, load_options, sampling_params
+from yi_local.commands.options import (
+    add_model_arg,
+    add_runtime_args,
+    add_sampling_args,
+    load_options,
+    resolve_model,
+    sampling_params,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="a .gguf file")
+    add_model_arg(p)
     p.add_argument("--system", default=None, help="system prompt for a new conversation")
     p.add_argument("--session", default=None, metavar="NAME",
                    help="resume the saved session NAME (or start it), saving after every reply")  # fmt: skip
@@ -38,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
     if args.system:
         session.system = args.system
 
+    model = resolve_model(args)  # a pull or conversion happens here, before the app takes the screen
+
     def loader(progress):
-        return load_backend(args.model, load_options(args, on_progress=progress))
+        return load_backend(model, load_options(args, on_progress=progress))
 
     ChatApp(loader, session=session, session_name=args.session, base_params=sampling_params(args)).run()
     return 0

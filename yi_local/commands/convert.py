@@ -2,6 +2,8 @@
 
 Examples:
   yi-local convert ./Yi-6B-Chat --q Q4_K_M          # → ./Yi-6B-Chat-Q4_K_M.gguf
+  yi-local convert 01-ai/Yi-6B-Chat --q Q5_K_M      # downloads what conversion needs first
+  yi-local convert Yi-6B-Chat-F16.gguf --q Q4_K_M   # quantize an existing GGUF
   yi-local convert ./Yi-6B-Chat --q q4_k_m --q q8_0 -o models/
   yi-local convert ./Yi-6B-Chat --outtype f16 -o yi-6b-chat-f16.gguf
 
@@ -18,7 +20,8 @@ from converters.quant_types import QUANT_TYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", metavar="SRC", help="a local Hugging Face model folder")
+    p.add_argument("src", metavar="SRC", help="a local Hugging Face model folder, a hub repo id or catalog name "
+                   "(downloaded first), or a .gguf to quantize again")
     p.add_argument("-o", "--out", type=Path, help="output folder, or a .gguf path when one file is made "
                    "(default: the current folder)")
     p.add_argument("--outtype", default="auto", metavar="TYPE",
@@ -29,17 +32,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="threads for conversion and quantization "
                    "(default: all cores)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--keep-source", action="store_true", help="keep weights downloaded from the hub (default: removed)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from converters.convert import convert
     from yi_local.progress import TerminalProgress
+    from yi_local.pull import convert_source
 
     with TerminalProgress() as progress:
-        result = convert(args.src, out=args.out, outtype=args.outtype, quants=args.quants,
-                         threads=args.threads, force=args.force, progress=progress)
+        result, freed = convert_source(args.src, out=args.out, outtype=args.outtype, quants=args.quants,
+                                       threads=args.threads, force=args.force, keep_source=args.keep_source,
+                                       progress=progress)  # fmt: skip
     for note in result.notes:
         print(f"note: {note}")
     for path in result.files:
         print(f"wrote {path} ({path.stat().st_size / 1e6:,.1f} MB)")
+    if freed:
+        print(f"removed the downloaded weights, freeing {freed / 1e9:.2f} GB")
     return 0

@@ -16,6 +16,31 @@ def _gpu_layers(value: str) -> int | str:
         raise argparse.ArgumentTypeError("expected 'auto' or a number of layers (-1: all)") from None
 
 
+MODEL_HELP = "a .gguf file, a store name (yi:6b-chat[:q5_k_m]), a Hugging Face folder or a hub repo id"
+
+
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--pull", action="store_true", help="download a MODEL missing from the store without asking")
+
+
+def resolve_model(args: argparse.Namespace) -> str:
+    """The GGUF path for args.model: pulled (after asking on a terminal, or with --pull) or converted if needed."""
+    import sys
+
+    from yi_local.progress import TerminalProgress
+    from yi_local.pull import resolve_gguf
+
+    def confirm(question: str) -> bool:
+        if sys.stdin is None or not sys.stdin.isatty():
+            return False
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+    with TerminalProgress() as progress:
+        return str(resolve_gguf(args.model, pull_missing=args.pull, confirm=confirm, progress=progress,
+                                threads=getattr(args, "threads", None)))  # fmt: skip
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--n-gpu-layers", "-ngl", type=_gpu_layers, default="auto", metavar="auto|N",

@@ -15,11 +15,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from yi_local.commands.options import add_runtime_args, add_sampling_args, load_options, sampling_params
+from yi_local.commands.options import (
+    add_model_arg,
+    add_runtime_args,
+    add_sampling_args,
+    load_options,
+    resolve_model,
+    sampling_params,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="a .gguf file")
+    add_model_arg(p)
     p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None, help="the prompt (default: stdin)")
     p.add_argument("--system", default=None, help="a system prompt (chat models)")
     p.add_argument("--raw", action="store_true", help="plain completion of PROMPT, without the chat template")
@@ -37,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         if sys.stdin is None or sys.stdin.isatty():
             raise YiLocalError("no prompt", hint="give PROMPT as an argument or pipe it on standard input")
         prompt = sys.stdin.read()
-    backend = load_backend(args.model, load_options(args))
+    backend = load_backend(resolve_model(args), load_options(args))
     info = backend.info
     print(f"yi-local: {info.name} · {info.quantization} · {info.offload} · ctx {info.n_ctx}", file=sys.stderr)
     if args.raw:

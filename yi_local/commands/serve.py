@@ -16,13 +16,20 @@ import argparse
 import os
 import sys
 
-from yi_local.commands.options import add_runtime_args, add_sampling_args, load_options, sampling_params
+from yi_local.commands.options import (
+    add_model_arg,
+    add_runtime_args,
+    add_sampling_args,
+    load_options,
+    resolve_model,
+    sampling_params,
+)
 
 API_KEY_ENV = "YI_LOCAL_API_KEY"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="a .gguf file")
+    add_model_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
@@ -39,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from yi_local.runtime import load_backend
     from yi_local.server.app import create_app
 
-    backend = load_backend(args.model, load_options(args))
+    backend = load_backend(resolve_model(args), load_options(args))
     info = backend.info
     app = create_app(backend, api_key=args.api_key, cors_origins=args.cors_origin, defaults=sampling_params(args))
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -1,0 +1,72 @@
+"""The memory arithmetic of `doctor`, against sizes computed by hand for Yi-6B and Yi-34B."""
+
+from __future__ import annotations
+
+import pytest
+
+from yi_local.catalog import CATALOG, parse_name
+from yi_local.errors import YiLocalError
+from yi_local.fit import GIB, OVERHEAD_BYTES, fits, memory_needed, recommend
+
+# Yi-6B: 2 x 64000 x 4096 embeddings and output; per layer q 4096^2, k and v 4096 x 512, o 4096^2,
+# mlp 3 x 4096 x 11008, two norms of 4096; 32 layers; a final norm.
+YI_6B_PARAMS = 2 * 64000 * 4096 + 32 * (2 * 4096**2 + 2 * 4096 * 512 + 3 * 4096 * 11008 + 2 * 4096) + 4096
+# Yi-34B: hidden 7168, 56 heads of 128, 8 KV heads, mlp 20480, 60 layers.
+YI_34B_PARAMS = 2 * 64000 * 7168 + 60 * (2 * 7168**2 + 2 * 7168 * 1024 + 3 * 7168 * 20480 + 2 * 7168) + 7168
+
+
+def test_parameter_counts():
+    assert YI_6B_PARAMS == 6_061_035_520 == CATALOG["yi:6b-chat"].parameters
+    assert YI_34B_PARAMS == 34_388_917_248 == CATALOG["yi:34b-chat"].parameters
+
+
+def test_yi_6b_chat_at_q4_k_m():
+    need = memory_needed(CATALOG["yi:6b-chat"], "Q4_K_M", 4096)
+    assert need.weights == int(6_061_035_520 * 4.84 / 8) == 3_666_926_489
+    assert need.kv_cache == 2 * 32 * 4096 * 4 * 128 * 2 == 268_435_456
+    assert need.total == 3_666_926_489 + 268_435_456 + OVERHEAD_BYTES
+    assert round(need.total / GIB, 1) == 4.0  # the Yi README: Yi-6B-Chat 4-bit about 4 GB
+
+
+def test_yi_34b_chat_at_q4_k_m_and_q8_0():
+    need = memory_needed(CATALOG["yi:34b-chat"], "Q4_K_M", 4096)
+    assert need.weights == 20_805_294_935
+    assert need.kv_cache == 2 * 60 * 4096 * 8 * 128 * 2 == 1_006_632_960
+    assert 19.5 < need.total / GIB < 21  # the Yi README: Yi-34B-Chat 4-bit 19-20 GB
+    q8 = memory_needed(CATALOG["yi:34b-chat"], "Q8_0", 4096)
+    assert q8.weights == int(34_388_917_248 * 8.5 / 8)
+    assert 35 < q8.total / GIB < 38  # the Yi README: 8-bit 35-38 GB
+
+
+def test_kv_cache_follows_ctx_up_to_the_model_context():
+    entry = CATALOG["yi:6b-chat"]  # a 4K model: a longer --ctx cannot grow its cache
+    assert memory_needed(entry, "Q4_K_M", 32768).kv_cache == memory_needed(entry, "Q4_K_M", 4096).kv_cache
+    long = CATALOG["yi:6b-200k"]
+    assert memory_needed(long, "Q4_K_M", 32768).kv_cache == 8 * memory_needed(long, "Q4_K_M", 4096).kv_cache
+
+
+def test_fits_and_recommend():
+    need = memory_needed(CATALOG["yi:6b-chat"], "Q4_K_M", 4096)
+    assert fits(need, 5 * GIB) and not fits(need, 4 * GIB)
+    entries = list(CATALOG.values())
+    assert recommend(entries, 4096, 8 * GIB) == (CATALOG["yi-1.5:9b-chat"], "Q5_K_M")
+    assert recommend(entries, 4096, 48 * GIB) == (CATALOG["yi:34b-chat"], "Q8_0")
+    assert recommend(entries, 4096, 1 * GIB) is None
+
+
+@pytest.mark.parametrize("spec, repo, quant, explicit", [
+    ("yi:6b-chat", "01-ai/Yi-6B-Chat", "Q4_K_M", False),
+    ("yi:34b-200k:q5_k_m", "01-ai/Yi-34B-200K", "Q5_K_M", True),
+    ("yi-coder:9b-chat:Q8_0", "01-ai/Yi-Coder-9B-Chat", "Q8_0", True),
+    ("01-ai/Yi-1.5-9B-Chat", "01-ai/Yi-1.5-9B-Chat", "Q4_K_M", False),
+    ("someone/Llama-Thing:q4_0", "someone/Llama-Thing", "Q4_0", True),
+])  # fmt: skip
+def test_names(spec, repo, quant, explicit):
+    ref = parse_name(spec)
+    assert (ref.repo, ref.quant, ref.explicit_quant) == (repo, quant, explicit)
+
+
+def test_unknown_name_suggests_catalog_names():
+    with pytest.raises(YiLocalError) as err:
+        parse_name("yi:7b")
+    assert "yi:6b" in err.value.hint

@@ -1,0 +1,37 @@
+"""Download a Yi model from the Hugging Face hub, convert and quantize it into the model store.
+
+NAME is a catalog name (yi:6b-chat, yi:34b-200k, yi-1.5:9b-chat, yi-coder:9b-chat, ...; `yi-local
+doctor` lists them with what fits this machine) or any hub repo id of a Llama-architecture model,
+optionally with a quantization: yi:6b-chat:q5_k_m (default Q4_K_M). Only the files conversion needs
+are downloaded; a cut-off download resumes where it stopped; every file is checked against the hub's
+checksums. HF_TOKEN and HF_ENDPOINT (a mirror) are honoured; HF_HUB_OFFLINE=1 uses only what is on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME[:QUANT]", help="e.g. yi:6b-chat, yi:34b-chat:q5_k_m, 01-ai/Yi-1.5-9B-Chat")
+    p.add_argument("--keep-source", action="store_true",
+                   help="keep the downloaded Hugging Face weights (default: removed after a verified conversion)")
+    p.add_argument("--threads", type=int, default=None, help="threads for conversion and quantization")
+
+
+def run(args: argparse.Namespace) -> int:
+    from yi_local.progress import TerminalProgress
+    from yi_local.pull import pull
+
+    with TerminalProgress() as progress:
+        result = pull(args.name, keep_source=args.keep_source, progress=progress, threads=args.threads)
+    model = result.model
+    if result.already_present:
+        print(f"{model.full_name} is already in the store: {model.path}")
+        return 0
+    print(f"pulled {model.full_name}: {model.path} ({model.size / 1e9:.2f} GB)")
+    if result.kept_source:
+        print(f"kept the downloaded weights in {result.kept_source}")
+    elif result.freed_bytes:
+        print(f"removed the downloaded weights, freeing {result.freed_bytes / 1e9:.2f} GB")
+    return 0

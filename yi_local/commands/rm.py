@@ -1,0 +1,39 @@
+"""Remove a model from the store (asks first unless --yes).
+
+NAME is a store name; without a quantization every stored quantization of that model is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME[:QUANT]", help="e.g. yi:6b-chat or yi:6b-chat:q8_0")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask")
+
+
+def run(args: argparse.Namespace) -> int:
+    from yi_local.catalog import parse_name
+    from yi_local.errors import YiLocalError
+    from yi_local.store import list_models, remove
+
+    ref = parse_name(args.name)
+    targets = [m for m in list_models()
+               if m.repo.lower() == ref.repo.lower() and (not ref.explicit_quant or m.quant == ref.quant)]  # fmt: skip
+    if not targets:
+        raise YiLocalError(f"{args.name} is not in the store", hint="`yi-local list` shows what is")
+    total = sum(m.size for m in targets)
+    names = ", ".join(m.full_name for m in targets)
+    if not args.yes:
+        if sys.stdin is None or not sys.stdin.isatty():
+            raise YiLocalError(f"removing {names} needs confirmation", hint="pass --yes to remove without asking")
+        answer = input(f"remove {names} ({total / 1e9:.2f} GB)? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("kept")
+            return 0
+    for m in targets:
+        remove(m)
+    print(f"removed {names}, freeing {total / 1e9:.2f} GB")
+    return 0

@@ -1,0 +1,33 @@
+"""Show a model's metadata: architecture, parameters, quantization, context, chat template, eos/eot, source.
+
+NAME is a store name (yi:6b-chat[:quant]) or a .gguf path.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME", help="a store name or a .gguf file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from yi_local.inspect import describe_gguf
+    from yi_local.pull import resolve_gguf
+    from yi_local.runtime.llama_cpp_backend import check_gguf
+    from yi_local.store import list_models
+
+    path = resolve_gguf(args.name)
+    check_gguf(path)
+    stored = next((m for m in list_models() if m.path == path), None)
+    rows = describe_gguf(path)
+    if stored is not None:
+        rows += [("source", stored.repo), ("revision", stored.revision or "-"), ("sha256", stored.sha256)]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        lines = str(value).splitlines() or [""]
+        print(f"{key:<{width}}  {lines[0]}")
+        for line in lines[1:]:
+            print(f"{'':<{width}}  {line}")
+    return 0

@@ -1,0 +1,122 @@
+"""Download what conversion needs from the Hugging Face hub (or the mirror HF_ENDPOINT names).
+
+huggingface-hub does the transfer: progress bars, HF_TOKEN, resuming a cut download with Range
+requests. On top of it: only the needed files are fetched (weights in one format, config and
+tokenizer files), every file is checked against the hub's checksums (sha256 for LFS files), and
+hub errors become messages that say what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from yi_local.errors import YiLocalError
+from yi_local.paths import home
+from yi_local.store import slug
+
+CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
+                "special_tokens_map.json", "added_tokens.json"]  # fmt: skip
+SAFETENSORS = ["*.safetensors", "model.safetensors.index.json"]
+PYTORCH_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+
+
+@dataclass(frozen=True)
+class Download:
+    path: Path
+    revision: str | None  # the commit downloaded (None when taken from disk offline)
+
+
+def downloads_dir() -> Path:
+    return home() / "downloads"
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def download(repo: str, revision: str = "main") -> Download:
+    """Fetch `repo`'s config, tokenizer and weights into the downloads folder (resuming what is there)."""
+    local = downloads_dir() / slug(repo)
+    if offline():
+        if (local / "config.json").is_file():
+            return Download(local, None)
+        raise YiLocalError(
+            f"{repo} is not downloaded and the hub is off (HF_HUB_OFFLINE is set)",
+            hint=f"unset HF_HUB_OFFLINE and run `yi-local pull {repo}` while online",
+        )
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi()
+    with _hub_errors(repo):
+        info = api.model_info(repo, revision=revision)
+        files = [s.rfilename for s in info.siblings or []]
+        weights = SAFETENSORS if any(f.endswith(".safetensors") for f in files) else PYTORCH_BIN
+        if not any(f.endswith((".safetensors", ".bin")) for f in files):
+            raise YiLocalError(f"{repo} has no weights (neither *.safetensors nor pytorch_model*.bin)",
+                               hint="is this a model repository? quantized-only repos (AWQ/GPTQ/GGUF) cannot be converted")  # fmt: skip
+        local.mkdir(parents=True, exist_ok=True)
+        snapshot_download(repo, revision=info.sha, local_dir=local, allow_patterns=CONFIG_FILES + weights)
+        verification = api.verify_repo_checksums(repo, revision=info.sha, local_dir=local)
+    if verification.mismatches:
+        for mismatch in verification.mismatches:
+            (local / mismatch["path"]).unlink(missing_ok=True)
+        names = ", ".join(m["path"] for m in verification.mismatches)
+        raise YiLocalError(
+            f"the download of {repo} is corrupt: {names} did not match the hub's checksum (deleted)",
+            hint=f"run `yi-local pull` again to fetch {'it' if len(verification.mismatches) == 1 else 'them'} anew",
+        )
+    return Download(local, info.sha)
+
+
+def remove_download(path: Path) -> int:
+    """Delete a download folder; the bytes freed."""
+    size = folder_size(path) if path.is_dir() else 0
+    shutil.rmtree(path, ignore_errors=True)
+    return size
+
+
+class _hub_errors:
+    """Turn huggingface-hub and network exceptions into YiLocalError with a fix."""
+
+    def __init__(self, repo: str):
+        self.repo = repo
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or isinstance(exc, YiLocalError):
+            return False
+        from huggingface_hub import errors
+
+        where = endpoint()
+        token_hint = "set HF_TOKEN to a token that can read it" + ("" if os.environ.get("HF_TOKEN") else " (none is set)")
+        if isinstance(exc, errors.GatedRepoError):
+            raise YiLocalError(f"{self.repo} is gated on {where}", hint=f"accept its terms on the hub, then {token_hint}") from None
+        if isinstance(exc, errors.RepositoryNotFoundError):
+            raise YiLocalError(f"there is no repository {self.repo} on {where}",
+                               hint=f"check the name; for a private repository {token_hint}") from None  # fmt: skip
+        if isinstance(exc, errors.RevisionNotFoundError):
+            raise YiLocalError(f"{self.repo} has no such revision", hint="check the revision name") from None
+        if isinstance(exc, (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError)) or "httpx" in type(exc).__module__:
+            raise YiLocalError(
+                f"could not download {self.repo} from {where} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                hint="check the network; where the hub is slow or blocked, set HF_ENDPOINT to a mirror. "
+                "A pull that was cut off resumes where it stopped when run again",
+            ) from None
+        return False
