@@ -102,3 +102,21 @@ def resolve_gguf(spec: str, *, pull_missing: bool = False, confirm: Callable[[st
         raise YiLocalError(f"{ref.full_name} is not in the store",
                            hint=f"run `yi-local pull {ref.full_name}` first, or add --pull")  # fmt: skip
     return pull(ref, progress=progress, threads=threads).model.path
+
+
+def resolve_hf_folder(spec: str, *, pull_missing: bool = False, confirm: Callable[[str], bool] | None = None) -> Path:
+    """The Hugging Face folder MODEL names, for the transformers backend: a folder, or a download (kept)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.suffix.lower() == ".gguf":
+        raise YiLocalError(f"{spec} is a GGUF file, which the transformers backend cannot load",
+                           hint="give the Hugging Face folder or repo id, or use --backend llama.cpp")  # fmt: skip
+    ref = parse_name(spec)
+    local = hub.downloads_dir() / store.slug(ref.repo)
+    if (local / "config.json").is_file() and (hub.offline() or not pull_missing):
+        return local
+    if not pull_missing and not (confirm and confirm(f"{ref.repo} is not downloaded. Download it now?")):
+        raise YiLocalError(f"{ref.repo} is not downloaded",
+                           hint=f"add --pull to download it, or run `yi-local pull {ref.repo} --keep-source`")  # fmt: skip
+    return hub.download(ref.repo).path

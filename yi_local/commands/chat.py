@@ -45,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
     if args.system:
         session.system = args.system
 
-    model = resolve_model(args)  # a pull or conversion happens here, before the app takes the screen
+    model, backend_name = resolve_model(args)  # a pull or conversion happens here, before the app starts
 
     def loader(progress):
-        return load_backend(model, load_options(args, on_progress=progress))
+        return load_backend(model, load_options(args, on_progress=progress), backend=backend_name)
 
     ChatApp(loader, session=session, session_name=args.session, base_params=sampling_params(args)).run()
     return 0

@@ -24,25 +24,48 @@ def add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pull", action="store_true", help="download a MODEL missing from the store without asking")
 
 
-def resolve_model(args: argparse.Namespace) -> str:
-    """The GGUF path for args.model: pulled (after asking on a terminal, or with --pull) or converted if needed."""
+def choose_backend(args: argparse.Namespace) -> str:
+    """auto: transformers for --precision full on a Hugging Face folder or hub id, else llama.cpp."""
+    if args.backend != "auto":
+        return args.backend
+    from pathlib import Path
+
+    is_gguf = Path(args.model).suffix.lower() == ".gguf"
+    return "transformers" if args.precision == "full" and not is_gguf else "llama.cpp"
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str, str]:
+    """(what to load, backend): a GGUF for llama.cpp (pulled or converted when needed), a folder for transformers.
+
+    A missing model is pulled with --pull, or after asking on a terminal.
+    """
     import sys
 
     from yi_local.progress import TerminalProgress
-    from yi_local.pull import resolve_gguf
+    from yi_local.pull import resolve_gguf, resolve_hf_folder
 
     def confirm(question: str) -> bool:
         if sys.stdin is None or not sys.stdin.isatty():
             return False
         return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
+    backend = choose_backend(args)
+    if backend == "transformers":
+        return str(resolve_hf_folder(args.model, pull_missing=args.pull, confirm=confirm)), backend
     with TerminalProgress() as progress:
-        return str(resolve_gguf(args.model, pull_missing=args.pull, confirm=confirm, progress=progress,
-                                threads=getattr(args, "threads", None)))  # fmt: skip
+        path = resolve_gguf(args.model, pull_missing=args.pull, confirm=confirm, progress=progress,
+                            threads=getattr(args, "threads", None))  # fmt: skip
+    return str(path), backend
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
+    g.add_argument("--backend", choices=("auto", "llama.cpp", "transformers"), default="auto",
+                   help="llama.cpp (GGUF; default) or transformers (a Hugging Face folder in bf16 on CUDA, "
+                   "fp32 on CPU; needs `pip install 'yi-local[cuda]'`); auto picks transformers for "
+                   "--precision full on a folder or hub id")  # fmt: skip
+    g.add_argument("--precision", choices=("quantized", "full"), default="quantized",
+                   help="full: run the original weights with transformers (see --backend)")  # fmt: skip
     g.add_argument("--n-gpu-layers", "-ngl", type=_gpu_layers, default="auto", metavar="auto|N",
                    help="layers to offload to the GPU (auto: all when the model fits, else as many as fit; "
                    "-1: all; 0: CPU only)")

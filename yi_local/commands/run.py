@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         if sys.stdin is None or sys.stdin.isatty():
             raise YiLocalError("no prompt", hint="give PROMPT as an argument or pipe it on standard input")
         prompt = sys.stdin.read()
-    backend = load_backend(resolve_model(args), load_options(args))
+    model, backend_name = resolve_model(args)
+    backend = load_backend(model, load_options(args), backend=backend_name)
     info = backend.info
     print(f"yi-local: {info.name} · {info.quantization} · {info.offload} · ctx {info.n_ctx}", file=sys.stderr)
     if args.raw:

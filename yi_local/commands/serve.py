@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from yi_local.runtime import load_backend
     from yi_local.server.app import create_app
 
-    backend = load_backend(resolve_model(args), load_options(args))
+    model, backend_name = resolve_model(args)
+    backend = load_backend(model, load_options(args), backend=backend_name)
     info = backend.info
     app = create_app(backend, api_key=args.api_key, cors_origins=args.cors_origin, defaults=sampling_params(args))
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -13,6 +13,10 @@ def load_backend(model: str, options: LoadOptions | None = None, backend: str = 
         from yi_local.runtime.llama_cpp_backend import LlamaCppBackend
 
         return LlamaCppBackend(model, options)
+    if backend == "transformers":
+        from yi_local.runtime.transformers_backend import TransformersBackend
+
+        return TransformersBackend(model, options)
     from yi_local.errors import YiLocalError
 
-    raise YiLocalError(f"unknown backend {backend!r}", hint="use --backend llama.cpp")
+    raise YiLocalError(f"unknown backend {backend!r}", hint="use --backend llama.cpp or --backend transformers")
