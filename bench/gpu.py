@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CORPUS, OUT, table  # noqa: E402
+from common import CORPUS, OUT, table
 
-from converters.convert import convert  # noqa: E402
-from converters.synthetic import TINY, YI_6B, build_checkpoint  # noqa: E402
-from yi_local.runtime import Finish, LoadOptions, SamplingParams, load_backend  # noqa: E402
+from converters.convert import convert
+from converters.synthetic import TINY, YI_6B, build_checkpoint
+from yi_local.runtime import Finish, LoadOptions, SamplingParams, load_backend
 
 NO_END = {2: -1e9, 7: -1e9}
 

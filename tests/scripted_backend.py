@@ -21,6 +21,7 @@ class ScriptedBackend(Backend):
                               chat_template=YI_CHAT_TEMPLATE, bos_token="<|startoftext|>", eos_token="<|im_end|>")  # fmt: skip
         self.lock = threading.Lock()
         self._pieces = {}
+        self._cache, self._generated = [], []  # the script keeps no KV cache
         self.replies = list(replies)
         self.paced = paced
         self._steps = threading.Semaphore(0)
@@ -43,12 +44,6 @@ class ScriptedBackend(Backend):
 
     def special_texts(self) -> frozenset[bytes]:
         return frozenset()
-
-    def cached_tokens(self) -> list[int]:
-        return []
-
-    def cached_generated(self) -> list[bool]:
-        return []
 
     def reset(self) -> None:
         self.resets += 1

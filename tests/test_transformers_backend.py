@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch", reason="the transformers backend needs torc
 from tests.conftest import REPO, run_cli  # noqa: E402
 from tests.server_helpers import running_server  # noqa: E402
 from yi_local.errors import YiLocalError  # noqa: E402
-from yi_local.runtime import Finish, LoadOptions, SamplingParams, TextDelta, load_backend  # noqa: E402
+from yi_local.runtime import LoadOptions, SamplingParams, load_backend  # noqa: E402
 from yi_local.runtime.transformers_backend import TransformersBackend  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello Yi, 你好！"}]

@@ -7,7 +7,7 @@ from textual.widgets import Static
 
 
 class StatusBar(Static):
-    model = reactive("no model")
+    model = reactive("")
     offload = reactive("")
     context = reactive("")
     speed = reactive("")

@@ -50,6 +50,8 @@ class Backend(ABC):
     # Serializes generation: one request owns the model's KV cache at a time.
     lock: threading.Lock
     _pieces: dict[int, bytes]  # token id -> its text, special tokens spelled out
+    _cache: list[int]  # the tokens whose keys and values the KV cache holds, in order
+    _generated: list[bool]  # per cached token: sampled by the model rather than read from a prompt
 
     # -- model-specific steps -------------------------------------------------------------
     @abstractmethod
@@ -66,13 +68,23 @@ class Backend(ABC):
     def special_texts(self) -> frozenset[bytes]:
         """The text of every special (control) token, e.g. b"<|im_end|>"."""
 
-    @abstractmethod
     def cached_tokens(self) -> list[int]:
         """The tokens whose keys and values the cache holds now, in order."""
+        return self._cache
 
-    @abstractmethod
     def cached_generated(self) -> list[bool]:
         """For each cached token: True if the model generated it, False if it came from a prompt."""
+        return self._generated
+
+    def _reusable_prefix(self, tokens: list[int]) -> int:
+        """How many leading `tokens` the cache holds already; the last one is always evaluated again,
+        since its logits are needed to sample."""
+        reuse = 0
+        for a, b in zip(self._cache, tokens):
+            if a != b:
+                break
+            reuse += 1
+        return min(reuse, len(tokens) - 1)
 
     @abstractmethod
     def reset(self) -> None:

@@ -110,8 +110,7 @@ class LlamaCppBackend(Backend):
         self._vocab = L.llama_model_get_vocab(self._model)
         self._mem = L.llama_get_memory(self._ctx)
         self._n_batch = options.n_batch
-        self._cache: list[int] = []  # the tokens whose K/V sit in the cache, in order
-        self._generated: list[bool] = []  # per cached token: sampled by the model (not from a prompt)
+        self._cache, self._generated = [], []
         self._one = (L.llama_token * 1)()
         self._add_bos = bool(L.llama_vocab_get_add_bos(self._vocab))
         bos, eos = L.llama_vocab_bos(self._vocab), L.llama_vocab_eos(self._vocab)
@@ -164,12 +163,6 @@ class LlamaCppBackend(Backend):
             ) - {b""}
         return self._specials
 
-    def cached_tokens(self) -> list[int]:
-        return self._cache
-
-    def cached_generated(self) -> list[bool]:
-        return self._generated
-
     def reset(self) -> None:
         with self.lock:
             self._L.llama_memory_clear(self._mem, True)
@@ -185,12 +178,7 @@ class LlamaCppBackend(Backend):
                                hint="the context may be full; start a new conversation or raise --ctx")  # fmt: skip
 
     def _prefill(self, tokens: list[int]) -> int:
-        reuse = 0
-        for a, b in zip(self._cache, tokens):
-            if a != b:
-                break
-            reuse += 1
-        reuse = min(reuse, len(tokens) - 1)  # the last prompt token is evaluated again for its logits
+        reuse = self._reusable_prefix(tokens)
         if not self._L.llama_memory_seq_rm(self._mem, 0, reuse, -1):
             self._L.llama_memory_clear(self._mem, True)
             reuse = 0

@@ -104,8 +104,7 @@ class TransformersBackend(Backend):
         self._compile = self._static and self.device.type == "cuda" if compile is None else compile
         self._n_ctx = n_ctx
         self._cache_obj = None
-        self._cache: list[int] = []
-        self._generated: list[bool] = []
+        self._cache, self._generated = [], []
         self._logits = None
         self._params = SamplingParams()
         self._decode_one = self._forward_one
@@ -184,12 +183,6 @@ class TransformersBackend(Backend):
     def special_texts(self) -> frozenset[bytes]:
         return frozenset(t.encode() for t in self.tokenizer.all_special_tokens)
 
-    def cached_tokens(self) -> list[int]:
-        return self._cache
-
-    def cached_generated(self) -> list[bool]:
-        return self._generated
-
     def reset(self) -> None:
         with self.lock:
             self._reset_locked()
@@ -224,12 +217,7 @@ class TransformersBackend(Backend):
         return out.logits[0, -1].float()
 
     def _prefill(self, tokens: list[int]) -> int:
-        reuse = 0
-        for a, b in zip(self._cache, tokens):
-            if a != b:
-                break
-            reuse += 1
-        reuse = min(reuse, len(tokens) - 1)
+        reuse = self._reusable_prefix(tokens)
         if self._cache_obj is None:
             self._cache_obj = self._new_cache()
             reuse = 0
