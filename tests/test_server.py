@@ -208,3 +208,15 @@ def test_disconnect_mid_stream_frees_the_server(server, client):
         time.sleep(0.02)
     resp = client.chat.completions.create(model="Yi-Tiny-chat", messages=MESSAGES, max_tokens=3)
     assert resp.choices[0].finish_reason in ("stop", "length")
+
+
+def test_cors_only_for_the_origins_given(chat_gguf):
+    with running_server(chat_gguf, "--cors-origin", "http://localhost:3000") as (base, _):
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+        ok = httpx.options(f"{base}/v1/chat/completions", headers={"Origin": "http://localhost:3000", **preflight})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
+        other = httpx.options(f"{base}/v1/chat/completions", headers={"Origin": "http://evil.test", **preflight})
+        assert "access-control-allow-origin" not in other.headers
+    with running_server(chat_gguf) as (base, _):  # none by default
+        resp = httpx.get(f"{base}/v1/models", headers={"Origin": "http://localhost:3000"})
+        assert "access-control-allow-origin" not in resp.headers

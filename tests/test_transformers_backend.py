@@ -177,3 +177,15 @@ def test_wrong_inputs_for_transformers(checkpoints, chat_gguf):
     with pytest.raises(YiLocalError, match="grammars need the llama.cpp backend"):
         b = TransformersBackend(checkpoints["chat"])
         list(b.generate([6, 7], SamplingParams(grammar="root ::= [0-9]")))
+
+
+@pytest.mark.slow
+def test_compiled_static_decode_gives_the_same_tokens(chat_dir, backend):
+    """The CUDA fast path (static cache + torch.compile'd decode step, warmed up at load) compiled here
+    for the CPU: the same greedy tokens as the eager path, and again on a second request."""
+    compiled = TransformersBackend(chat_dir, LoadOptions(n_ctx=256, n_threads=2), static_cache=True, compile=True)
+    params = SamplingParams(max_tokens=10, temperature=0, logit_bias={2: -100.0, 7: -100.0})
+    backend.reset()
+    expected = collect(backend.generate(backend.chat_tokens(MESSAGES), params))[1]
+    for _ in range(2):
+        assert collect(compiled.generate(compiled.chat_tokens(MESSAGES), params))[1] == expected
