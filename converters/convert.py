@@ -175,13 +175,11 @@ def requantize(
 
 
 def _check_unquantized(path: Path) -> None:
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
 
-    try:
-        field = GGUFReader(path).get_field("general.file_type")
-    except Exception as e:  # not a GGUF, truncated, ...
-        raise YiLocalError(f"{path} is not a readable GGUF file ({e})", hint="convert the model folder again") from None
-    file_type = LlamaFileType(int(field.contents())) if field is not None else LlamaFileType.ALL_F32
+    from converters.gguf_header import read_header
+
+    file_type = LlamaFileType(int(read_header(path).metadata.get("general.file_type", 0)))
     if file_type not in (LlamaFileType.ALL_F32, LlamaFileType.MOSTLY_F16, LlamaFileType.MOSTLY_BF16):
         raise YiLocalError(
             f"{path.name} is already quantized ({file_type.name.replace('MOSTLY_', '')})",

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGUFWriter
 
 from converters.checkpoint import ShardReader
+from converters.gguf_header import read_header
 from converters.sink import Sink, open_sink
 from converters.tensors import TensorPlan, convert_rows, permute_rows
 from yi_local.errors import YiLocalError
@@ -112,16 +113,11 @@ class _Slot:
 
 def verify_gguf(path: Path, plans: list[TensorPlan]) -> None:
     """Reopen a written GGUF and check its tensors against the plan before it is renamed into place."""
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, struct errors, ...
-        raise YiLocalError(f"the GGUF just written does not read back ({e})", hint="report this as a bug") from None
-    if len(reader.tensors) != len(plans):
-        raise YiLocalError(f"{path.name}: {len(reader.tensors)} tensors written, {len(plans)} planned")
-    end = 0
-    for t, p in zip(reader.tensors, plans):
-        if t.name != p.name or t.tensor_type != p.out_type or int(t.n_bytes) != p.nbytes:
+    header = read_header(path)
+    if len(header.tensors) != len(plans):
+        raise YiLocalError(f"{path.name}: {len(header.tensors)} tensors written, {len(plans)} planned")
+    for t, p in zip(header.tensors, plans):
+        if t.name != p.name or t.type != p.out_type or t.n_bytes != p.nbytes or t.shape != tuple(p.shape):
             raise YiLocalError(f"{path.name}: tensor {t.name} was written wrongly (expected {p.name}, {p.out_type.name})")
-        end = max(end, int(t.data_offset) + int(t.n_bytes))
-    if path.stat().st_size < end:
-        raise YiLocalError(f"{path.name} is shorter ({path.stat().st_size}) than its tensors need ({end})")
+    if path.stat().st_size < header.data_end:
+        raise YiLocalError(f"{path.name} is shorter ({path.stat().st_size}) than its tensors need ({header.data_end})")

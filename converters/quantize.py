@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from converters.atomic import atomic_output
+from converters.gguf_header import read_header
 from converters.llama_lib import llama_cpp as load_llama_cpp
 from converters.quant_types import QuantType
 from yi_local.errors import YiLocalError
@@ -55,16 +56,9 @@ def quantize_file(
 
 
 def _verify(path: Path, quant: QuantType) -> None:
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:
-        raise YiLocalError(f"the quantized file does not read back ({e})", hint="report this as a bug") from None
-    field = reader.get_field("general.file_type")
-    file_type = int(field.contents()) if field is not None else None
+    header = read_header(path)
+    file_type = header.metadata.get("general.file_type")
     if file_type != int(quant.ftype):
         raise YiLocalError(f"{path.name}: general.file_type is {file_type}, expected {int(quant.ftype)} ({quant.name})")
-    end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
-    if path.stat().st_size < end:
-        raise YiLocalError(f"{path.name} is truncated: {path.stat().st_size} bytes, tensors need {end}")
+    if path.stat().st_size < header.data_end:
+        raise YiLocalError(f"{path.name} is truncated: {path.stat().st_size} bytes, tensors need {header.data_end}")

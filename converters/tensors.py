@@ -128,6 +128,29 @@ def to_float32(rows: np.ndarray, src_dtype: str, out: np.ndarray | None = None) 
     return f32
 
 
+# bf16 bit patterns (sign cleared) whose f16 value is a normal number: exponents 113..142.
+_F16_NORMAL_LO, _F16_NORMAL_HI = 113 << 7, 143 << 7
+
+
+def bf16_to_f16(bits: np.ndarray, out: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
+    """bf16 (uint16 bits) to f16, exactly as float32 -> float16 rounding does, about twice as fast.
+
+    bf16 keeps 7 mantissa bits and f16 10, so wherever the result is a normal f16 the conversion is
+    exact: rebias the exponent (112) and shift the mantissa, two integer operations. The few values
+    that become f16 subnormals, zero, infinity or NaN go through numpy's float cast.
+    """
+    out = np.empty(bits.shape, np.uint16) if out is None else _view(out, np.uint16, bits.shape)
+    mag = np.bitwise_and(bits, np.uint16(0x7FFF), out=None if scratch is None else _view(scratch, np.uint16, bits.shape))
+    np.subtract(mag, np.uint16(_F16_NORMAL_LO - (1 << 7)), out=out)
+    np.left_shift(out, 3, out=out)
+    np.bitwise_or(out, np.bitwise_and(bits, np.uint16(0x8000)), out=out)
+    special = (mag < _F16_NORMAL_LO) | (mag >= _F16_NORMAL_HI)
+    if special.any():
+        with np.errstate(over="ignore"):
+            out[special] = to_float32(bits[special], "BF16").astype(np.float16).view(np.uint16)
+    return out.view(np.float16)
+
+
 def convert_rows(
     rows: np.ndarray, src_dtype: str, out_type: GGMLQuantizationType, scratch: np.ndarray | None = None,
     out: np.ndarray | None = None,
@@ -141,6 +164,8 @@ def convert_rows(
         return rows if src_dtype == "BF16" else quantize(to_float32(rows, src_dtype, scratch), BF16)
     if out_type == F16 and src_dtype == "F16":
         return rows
+    if out_type == F16 and src_dtype == "BF16":
+        return bf16_to_f16(rows, out, scratch)
     if out_type == F32 and src_dtype == "F32":
         return rows
     f32 = to_float32(rows, src_dtype, out if out_type == F32 and out is not None else scratch)

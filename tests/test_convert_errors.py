@@ -106,7 +106,7 @@ def test_full_disk_removes_the_temporary_file(model, tmp_path):
     "args, interrupt_when",
     [
         (["--outtype", "q8_0"], "Q8_0.gguf"),  # during the numpy Q8_0 conversion
-        (["--q", "Q4_K_M", "--q", "Q6_K"], "Q4_K_M.gguf"),  # during llama.cpp's quantization
+        (["--q", "Q4_K_M"], "Q4_K_M.gguf"),  # during llama.cpp's quantization (one level: seconds of work)
     ],
 )
 def test_ctrl_c_mid_write_leaves_nothing(medium_dir, tmp_path, args, interrupt_when):
@@ -123,6 +123,6 @@ def test_ctrl_c_mid_write_leaves_nothing(medium_dir, tmp_path, args, interrupt_w
     assert proc.poll() is None, "finished before it could be interrupted"
     os.kill(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
-    assert list(out.iterdir()) == []
+    assert list(out.iterdir()) == [], stderr
