@@ -172,3 +172,16 @@ def test_direct_io_and_buffered_writes_give_identical_files(medium_dir, tmp_path
     buffered = convert(medium_dir, out=tmp_path / "buffered", outtype="f16").files[0]
     assert direct.stat().st_size > 64 << 20  # several 32 MB staging buffers
     assert direct.read_bytes() == buffered.read_bytes()
+
+
+def test_200k_variant_keeps_its_context_and_rope_base(tmp_path):
+    from dataclasses import replace
+
+    from converters.synthetic import TINY
+
+    dims = replace(TINY, context=262144, rope_theta=1e7, rms_eps=1e-6)  # Yi-9B-200K's settings
+    model = build_checkpoint(tmp_path / "Yi-Tiny-200K", CORPUS, variant="base", dims=dims)
+    reader = GGUFReader(convert(model, out=tmp_path, outtype="f16").files[0])
+    assert reader.get_field("llama.context_length").contents() == 262144
+    assert reader.get_field("llama.rope.freq_base").contents() == pytest.approx(1e7)
+    assert reader.get_field("llama.attention.layer_norm_rms_epsilon").contents() == pytest.approx(1e-6)
