@@ -212,3 +212,19 @@ def test_same_prompt_after_a_reply_tokenizes_the_same(backend):
     first = backend.chat_tokens(messages)
     collect(backend.generate(first, SamplingParams(max_tokens=10, temperature=0, logit_bias=NO_END)))
     assert backend.chat_tokens(messages) == first
+
+
+def test_prompts_can_be_prepared_while_another_request_generates(backend):
+    """The server tokenizes new requests while the worker extends the cache. Between appending a token
+    and its flag, a reader sees one more cached token than flags: that state must not break it."""
+    backend.reset()
+    turn1 = [{"role": "user", "content": "Tell me something, 说点什么"}]
+    params = SamplingParams(max_tokens=8, temperature=0, grammar="root ::= [a-z ]+")
+    text, ids, _ = collect(backend.generate(backend.chat_tokens(turn1), params))
+    turn2 = turn1 + [{"role": "assistant", "content": text}, {"role": "user", "content": "more"}]
+    expected = backend.chat_tokens(turn2)
+    backend._cache.append(ids[-1])  # the worker, half-way through recording the next token
+    try:
+        assert backend.chat_tokens(turn2) == expected
+    finally:
+        backend.reset()

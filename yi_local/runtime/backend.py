@@ -130,7 +130,9 @@ class Backend(ABC):
         """
         data = text.encode("utf-8")
         specials = self.special_texts()
-        cached, generated = self.cached_tokens(), self.cached_generated()
+        # Copies: the server prepares prompts while another request may be extending the cache.
+        cached, generated = list(self.cached_tokens()), list(self.cached_generated())
+        cached = cached[: len(generated)]
         keep = kept_bytes = pos = 0
         for i, token in enumerate(cached):
             piece = self._piece(token)
