@@ -228,3 +228,19 @@ def test_prompts_can_be_prepared_while_another_request_generates(backend):
         assert backend.chat_tokens(turn2) == expected
     finally:
         backend.reset()
+
+
+def test_reuse_never_splits_a_character(backend):
+    """A reply that ended in byte-fallback tokens may leave only the first bytes of a character in the
+    cache (its last byte was sampled, never fed): the reuse boundary must not fall inside it."""
+    backend.reset()
+    turn1 = [{"role": "user", "content": "Say 你"}]
+    prompt = backend.chat_tokens(turn1)
+    collect(backend.generate(prompt, SamplingParams(max_tokens=1)))
+    first_bytes = [9 + b for b in "你".encode()[:2]]  # the fixture's byte pieces <0x00>..<0xFF> start at id 9
+    assert [backend.token_bytes(t) for t in first_bytes] == [b"\xe4", b"\xbd"]
+    backend._cache, backend._generated = prompt + first_bytes, [False] * len(prompt) + [True, True]
+    turn2 = turn1 + [{"role": "assistant", "content": "你"}, {"role": "user", "content": "again"}]
+    tokens = backend.chat_tokens(turn2)
+    assert b"".join(backend._piece(t) for t in tokens) == backend.render_chat(turn2).encode()
+    backend.reset()

@@ -139,6 +139,8 @@ class Backend(ABC):
             if not piece or not data.startswith(piece, pos):  # an empty piece proves nothing: stop
                 break
             pos += len(piece)
+            if pos < len(data) and data[pos] & 0xC0 == 0x80:
+                continue  # inside a UTF-8 character (byte-fallback tokens): no boundary here
             end_of_reply = generated[i] and (i + 1 == len(cached) or not generated[i + 1])
             if end_of_reply or pos == len(data) or any(data.startswith(s, pos) for s in specials):
                 keep, kept_bytes = i + 1, pos
