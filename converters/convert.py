@@ -116,18 +116,21 @@ def convert(
     result = ConvertResult(files=[], model_name=model_name, is_chat=vocab.is_chat, notes=list(vocab.notes))
     total = sum(p.src.nbytes for p in plans)
     n_params = sum(math.prod(p.shape) for p in plans)
+    # Without a kept unquantized file, it is a scratch intermediate: buffered (llama.cpp reads it
+    # straight back from the page cache), not fsynced, removed at the end.
+    kept = keep_path is not None
     base_path = keep_path or quant_paths[0].with_name(f".{model_name}-{unquantized.name}.{os.getpid()}.intermediate.gguf")
     try:
-        with atomic_output(base_path, force=True, durable=keep_path is not None) as tmp:
+        with atomic_output(base_path, force=True, durable=kept) as tmp:
             task = progress.task(f"convert → {unquantized.name}", total)
             try:
                 write_gguf(tmp, _metadata_writer(model_name, params, vocab, unquantized), plans, threads, task.advance,
-                           direct_io=keep_path is not None)
+                           direct_io=kept)
             finally:
                 task.close()
             verify_gguf(tmp, plans)
-        if keep_path is not None:
-            result.files.append(keep_path)
+        if kept:
+            result.files.append(base_path)
         for quant, dest in zip(quant_types, quant_paths):
             task = progress.task(f"quantize → {quant.name}", int(n_params * quant.bits_per_weight / 8))
             try:
@@ -136,7 +139,7 @@ def convert(
                 task.close()
             result.files.append(dest)
     finally:
-        if keep_path is None:
+        if not kept:
             base_path.unlink(missing_ok=True)
     return result
 

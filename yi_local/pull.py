@@ -52,6 +52,11 @@ def pull(spec: str | ModelRef, keep_source: bool = False, progress: Progress | N
     return PullResult(model, already_present=False, freed_bytes=hub.remove_download(download.path))
 
 
+def _looks_like_path(spec: str) -> bool:
+    """A file system path (that does not exist), rather than a model name or an org/name repo id."""
+    return spec.startswith((".", "~", os.sep)) or spec.count("/") > 1
+
+
 def convert_source(spec: str, out: str | None, outtype: str, quants: list[str], threads: int | None,
                    force: bool, keep_source: bool, progress: Progress | None):  # fmt: skip
     """`yi-local convert`: a local folder, an existing GGUF (requantized), or a hub repo / catalog name."""
@@ -62,7 +67,7 @@ def convert_source(spec: str, out: str | None, outtype: str, quants: list[str], 
         return requantize(path, out, quants, threads, force, progress), None
     if path.is_dir():
         return convert(path, out, outtype, quants, threads, force, progress), None
-    if path.suffix.lower() == ".gguf" or spec.startswith((".", "~", os.sep)) or spec.count("/") > 1:
+    if path.suffix.lower() == ".gguf" or _looks_like_path(spec):
         raise YiLocalError(f"{spec}: no such file or folder", hint="give a Hugging Face model folder, a .gguf, or a repo id")
     ref = parse_name(spec)
     download = hub.download(ref.repo)
@@ -92,7 +97,7 @@ def resolve_gguf(spec: str, *, pull_missing: bool = False, confirm: Callable[[st
         return path
     if path.is_dir():
         return _local_folder(path, DEFAULT_QUANT, progress, threads)
-    if spec.startswith((".", "~", os.sep)) or spec.count("/") > 1:
+    if _looks_like_path(spec):
         raise YiLocalError(f"{spec}: no such file or folder", hint="give a .gguf file, a model folder or a model name")
     ref = parse_name(spec)
     found = store.find(ref.repo, ref.quant)
