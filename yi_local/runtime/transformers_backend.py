@@ -207,11 +207,10 @@ class TransformersBackend(Backend):
         input_ids = torch.tensor([ids], device=self.device)
         positions = torch.arange(start, start + len(ids), device=self.device)
         with torch.no_grad():
-            out = self.model(input_ids=input_ids, cache_position=positions, use_cache=True, logits_to_keep=1,
-                             **{self._cache_kw: self._cache_obj})  # fmt: skip
-        return out.logits[0, -1].float()
+            return self._forward_one(input_ids, positions)
 
     def _forward_one(self, input_ids, positions):
+        """The model on `input_ids` at `positions`, logits of the last one; compiled for decode on CUDA."""
         out = self.model(input_ids=input_ids, cache_position=positions, use_cache=True, logits_to_keep=1,
                          **{self._cache_kw: self._cache_obj})  # fmt: skip
         return out.logits[0, -1].float()
