@@ -6,6 +6,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # llama-cpp-python builds from source; pip caches the wheel, so only the first install is slow.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+# ggml's AMX kernels die with SIGILL on some x86-64 virtual machines whose CPUs report AMX (seen on a
+# Sapphire Rapids VM: the first llama_decode of a Q8_0 model). Build without them on x86-64; other
+# kernels (AVX-512, repacking) are kept. A GPU build adds its flags through CMAKE_ARGS as usual.
+ifneq ($(filter x86_64 amd64 AMD64,$(shell uname -m)),)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+export CMAKE_ARGS := $(CMAKE_ARGS) -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
+endif
 
 .PHONY: install test demo bench lint test-snapshot-update clean
 
@@ -16,6 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 (CPU) is only for the tests that compare with transformers; the GGUF path never needs it.
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' torch==2.13.0
+	# pip's wheel cache ignores CMAKE_ARGS: a wheel cached from an AMX build is removed and rebuilt.
+	if [ -n "$(NO_AMX)" ] && grep -q ggml_backend_amx_buffer_type $(VENV)/lib/python*/site-packages/llama_cpp/lib/libggml-cpu.so*; then \
+		$(PY) -m pip cache remove llama_cpp_python; \
+		$(PY) -m pip install -q -c constraints.txt --force-reinstall --no-deps llama-cpp-python; \
+	fi
 	touch $(STAMP)
 
 test: install

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from gguf import GGML_QUANT_VERSION, GGUFWriter
 
-from converters.atomic import atomic_output, check_writable
+from yi_local.atomic import atomic_output, check_writable
 from converters.checkpoint import TensorSource, load_tensor_sources
 from converters.gguf_file import verify_gguf, write_gguf
 from converters.hf_config import ModelParams, read_model_params
@@ -180,7 +180,7 @@ def requantize(
 def _check_unquantized(path: Path) -> None:
     from gguf import LlamaFileType
 
-    from converters.gguf_header import read_header
+    from yi_local.gguf_header import read_header
 
     file_type = LlamaFileType(int(read_header(path).metadata.get("general.file_type", 0)))
     if file_type not in (LlamaFileType.ALL_F32, LlamaFileType.MOSTLY_F16, LlamaFileType.MOSTLY_BF16):

@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGUFWriter
 
 from converters.checkpoint import ShardReader
-from converters.gguf_header import read_header
+from yi_local.gguf_header import read_header
 from converters.sink import Sink, open_sink
 from converters.tensors import TensorPlan, convert_rows, permute_rows
 from yi_local.errors import YiLocalError

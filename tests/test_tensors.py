@@ -39,7 +39,7 @@ def test_permute_rows_matches_llama_cpp():
 def test_fast_header_reader_agrees_with_gguf_reader(ggufs):
     from gguf import GGUFReader
 
-    from converters.gguf_header import read_header
+    from yi_local.gguf_header import read_header
 
     for path in ggufs.values():
         ours, theirs = read_header(path), GGUFReader(path)
@@ -55,7 +55,7 @@ def test_fast_header_reader_agrees_with_gguf_reader(ggufs):
 def test_truncated_gguf_is_refused(ggufs, tmp_path):
     import pytest
 
-    from converters.gguf_header import read_header
+    from yi_local.gguf_header import read_header
     from yi_local.errors import YiLocalError
 
     cut = tmp_path / "cut.gguf"

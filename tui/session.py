@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from yi_local.atomic import write_atomic
 from yi_local.errors import YiLocalError
 from yi_local.paths import home
 from yi_local.runtime import SamplingParams
@@ -72,13 +72,7 @@ def _path(name: str) -> Path:
 
 def save_session(name: str, session: Session) -> Path:
     path = _path(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(session.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, session.to_json())
     return path
 
 

@@ -1,4 +1,8 @@
-"""Write files that matter under a temporary name and rename them into place."""
+"""Write files that matter under a temporary name and rename them into place.
+
+The one place yi-local writes files atomically: model files (`atomic_output`) and small JSON files
+(`write_atomic`). It sits at the bottom of the package, so the store, the chat and the converters share it.
+"""
 
 from __future__ import annotations
 
@@ -49,3 +53,10 @@ def atomic_output(final: Path, force: bool = False, durable: bool = True) -> Ite
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(final: Path, data: bytes | str) -> None:
+    """Replace `final` with `data` (str is written as UTF-8): the old file or the new one, never half of either."""
+    with atomic_output(final, force=True) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
