@@ -45,10 +45,15 @@ class ScriptedBackend(Backend):
     def special_texts(self) -> frozenset[bytes]:
         return frozenset()
 
+    n_vocab = 0x110000  # token = code point
+
+    def max_token_bytes(self) -> int:
+        return 4  # one character per token
+
     def reset(self) -> None:
         self.resets += 1
 
-    def _prefill(self, tokens):  # pragma: no cover - generate() is scripted
+    def _prefill(self, tokens, cancel=None):  # pragma: no cover - generate() is scripted
         raise NotImplementedError
 
     def _begin_sampling(self, params, prompt):  # pragma: no cover

@@ -9,6 +9,7 @@ __all__ = ["Event", "Finish", "LoadOptions", "SamplingParams", "TextDelta", "Tim
 def load_backend(model: str, options: LoadOptions | None = None, backend: str = "llama.cpp"):
     """Open `model` with the named backend (imported lazily: llama_cpp and torch are heavy)."""
     options = options or LoadOptions()
+    options.validate()
     if backend == "llama.cpp":
         from yi_local.runtime.llama_cpp_backend import LlamaCppBackend
 

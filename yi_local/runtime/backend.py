@@ -8,7 +8,9 @@ max_tokens, cancellation, usage and timings.
 
 from __future__ import annotations
 
+import bisect
 import codecs
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -16,18 +18,29 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from yi_local.errors import YiLocalError
-from yi_local.runtime.chat_template import render_chat
+from yi_local.runtime.chat_template import ChatPrompt, render_chat
 from yi_local.runtime.events import Event, Finish, TextDelta, Timings, Usage
-from yi_local.runtime.params import SamplingParams
+from yi_local.runtime.grammar import check_grammar
+from yi_local.runtime.params import ParamError, SamplingParams
 
 
 class ContextOverflowError(YiLocalError):
-    def __init__(self, n_prompt: int, n_ctx: int):
+    def __init__(self, n_prompt: int, n_ctx: int, at_least: bool = False):
         super().__init__(
-            f"the prompt is {n_prompt} tokens but the context holds {n_ctx}",
+            f"the prompt is {'at least ' if at_least else ''}{n_prompt} tokens but the context holds {n_ctx}",
             hint="shorten the conversation, or load the model with a larger --ctx",
         )
         self.n_prompt, self.n_ctx = n_prompt, n_ctx
+
+
+class GrammarDeadEndError(YiLocalError):
+    def __init__(self) -> None:
+        super().__init__("the grammar admits no token here: no token of the vocabulary can spell what it requires next",
+                         hint="check that the grammar's characters exist in the model's vocabulary")  # fmt: skip
+
+
+class PrefillCancelled(Exception):
+    """Raised by `_prefill` between chunks when the request was cancelled."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,11 @@ class Backend(ABC):
     def special_texts(self) -> frozenset[bytes]:
         """The text of every special (control) token, e.g. b"<|im_end|>"."""
 
+    @property
+    @abstractmethod
+    def n_vocab(self) -> int:
+        """Token ids are 0..n_vocab-1."""
+
     def cached_tokens(self) -> list[int]:
         """The tokens whose keys and values the cache holds now, in order."""
         return self._cache
@@ -91,8 +109,10 @@ class Backend(ABC):
         """Empty the KV cache."""
 
     @abstractmethod
-    def _prefill(self, tokens: list[int]) -> int:
-        """Make the KV cache hold `tokens` with logits for the last one; return how many were reused."""
+    def _prefill(self, tokens: list[int], cancel: threading.Event | None = None) -> int:
+        """Make the KV cache hold `tokens` with logits for the last one; return how many were reused.
+
+        May raise PrefillCancelled between chunks once `cancel` is set."""
 
     @abstractmethod
     def _begin_sampling(self, params: SamplingParams, prompt: list[int]) -> None: ...
@@ -112,41 +132,138 @@ class Backend(ABC):
     def add_bos(self) -> bool:
         return False
 
-    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    def render_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> ChatPrompt:
         return render_chat(self.info, messages, add_generation_prompt)
 
-    def chat_tokens(self, messages: Sequence[dict]) -> list[int]:
-        return self.tokens_reusing_cache(self.render_chat(messages))
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        return self.render_prompt(messages, add_generation_prompt).text
 
-    def tokens_reusing_cache(self, text: str) -> list[int]:
-        """Tokens for `text` (special tokens parsed) that keep what the KV cache already holds.
+    def chat_tokens(self, messages: Sequence[dict]) -> list[int]:
+        """The conversation in the chat template, ready to generate, reusing what the KV cache holds.
+
+        Only the template's own markers become control tokens: message contents are tokenized as
+        text, so "<|im_end|>" typed by a user stays the characters it is.
+        """
+        prompt = self.render_prompt(messages)
+        if prompt.contents is None:
+            for i, m in enumerate(messages):
+                found = next((s for s in self.special_texts() if s.decode(errors="replace") in m["content"]), None)
+                if found is not None:
+                    raise YiLocalError(
+                        f"message {i} contains the control-token text {found.decode(errors='replace')!r}, which "
+                        "this model's chat template cannot keep apart from its own markers",
+                        hint="remove it from the message, or use a model with a standard chat template",
+                    )
+        return self.tokens_reusing_cache(prompt)
+
+    def text_tokens(self, text: str) -> list[int]:
+        """Plain text (completions, `run --raw`): control-token text stays text; BOS as the model wants."""
+        self.check_prompt_size(len(text.encode("utf-8")))
+        return self.tokenize(text, special=False, add_bos=self.add_bos)
+
+    # -- prompt layout -------------------------------------------------------------------------
+    def _special_ids(self) -> dict[bytes, int]:
+        ids = getattr(self, "_special_id_map", None)
+        if ids is None:
+            ids = {}
+            for text in self.special_texts():
+                tokens = self.tokenize(text.decode("utf-8", errors="replace"), special=True)
+                if len(tokens) == 1:
+                    ids[text] = tokens[0]
+            self._special_id_map = ids
+            self._control_ids = frozenset(ids.values())
+            alternatives = sorted(ids, key=len, reverse=True)
+            self._special_re = re.compile(b"|".join(re.escape(t) for t in alternatives)) if alternatives else None
+        return ids
+
+    def _layout(self, prompt: ChatPrompt) -> tuple[bytes, dict[int, tuple[int, int]]]:
+        """The prompt's bytes, and {byte offset: (token id, length)} of the template's control tokens."""
+        ids = self._special_ids()
+        text, spans = prompt.text, prompt.contents or ()
+        chunks: list[bytes] = []
+        specials: dict[int, tuple[int, int]] = {}
+        length = pos = 0
+        for start, end in [*spans, (len(text), len(text))]:
+            template = text[pos:start].encode("utf-8")
+            if self._special_re is not None:
+                for m in self._special_re.finditer(template):
+                    specials[length + m.start()] = (ids[m.group()], m.end() - m.start())
+            content = text[start:end].encode("utf-8")
+            chunks += [template, content]
+            length += len(template) + len(content)
+            pos = end
+        return b"".join(chunks), specials
+
+    def _tokenize_layout(self, data: bytes, specials: dict[int, tuple[int, int]], start: int, add_bos: bool) -> list[int]:
+        out = self.tokenize("", add_bos=True) if add_bos else []
+        pos = start
+        for at in sorted(p for p in specials if p >= start):
+            if at > pos:
+                out += self.tokenize(data[pos:at].decode("utf-8"), special=False)
+            token, n = specials[at]
+            out.append(token)
+            pos = at + n
+        if pos < len(data):
+            out += self.tokenize(data[pos:].decode("utf-8"), special=False)
+        return out
+
+    def max_token_bytes(self) -> int:
+        """The longest token's text: a prompt of n bytes needs at least n / this many tokens."""
+        longest = getattr(self, "_max_token_bytes", None)
+        if longest is None:
+            longest = self._max_token_bytes = max(
+                [len(self.token_bytes(t, special=True)) for t in range(min(self.n_vocab, 1 << 20))] or [1]
+            )
+        return max(1, longest)
+
+    def check_prompt_size(self, n_bytes: int) -> None:
+        """Refuse, without tokenizing, text that cannot fit the context whatever its tokens."""
+        at_least = -(-n_bytes // self.max_token_bytes())
+        if at_least >= self.info.n_ctx:
+            raise ContextOverflowError(at_least, self.info.n_ctx, at_least=True)
+
+    def tokens_reusing_cache(self, prompt: ChatPrompt | str) -> list[int]:
+        """Tokens for `prompt` that keep what the KV cache already holds.
 
         A previous reply re-tokenized often differs from the ids that were generated, which would
-        end token-level reuse there. So cached tokens are kept as long as their text is a prefix of
-        `text`, up to the last point that is either followed by a special token or is the end of
-        the model's own generated tokens; the rest is tokenized as usual. Special tokens split
-        tokenization into independent pieces, so text from a prompt is never tokenized differently
-        than plain tokenization would, and a reply keeps the ids the model generated.
+        end token-level reuse there. So cached tokens are kept as long as they spell a prefix of
+        the prompt (control tokens only where the template put them), up to the last point that is
+        either a template control token or the end of the model's own generated tokens; the rest is
+        tokenized as usual. Control tokens split tokenization into independent pieces, so text from
+        a prompt is never tokenized differently than plain tokenization would, and a reply keeps
+        the ids the model generated. A plain string is taken as all template (control text parsed).
         """
-        data = text.encode("utf-8")
-        specials = self.special_texts()
+        data, specials = self._layout(prompt if isinstance(prompt, ChatPrompt) else ChatPrompt(prompt))
+        self.check_prompt_size(len(data))
+        starts = sorted(specials)
+        control = self._control_ids
         # Copies: the server prepares prompts while another request may be extending the cache.
         cached, generated = list(self.cached_tokens()), list(self.cached_generated())
         cached = cached[: len(generated)]
         keep = kept_bytes = pos = 0
         for i, token in enumerate(cached):
             piece = self._piece(token)
-            if not piece or not data.startswith(piece, pos):  # an empty piece proves nothing: stop
+            if not piece:  # an empty piece proves nothing: stop
                 break
+            here = specials.get(pos)
+            if token in control:
+                if here is None or here[0] != token:
+                    break
+            else:
+                nxt = bisect.bisect_left(starts, pos)
+                if here is not None or not data.startswith(piece, pos):
+                    break
+                if nxt < len(starts) and starts[nxt] < pos + len(piece):
+                    break  # this text token would swallow the start of a template control token
             pos += len(piece)
             if pos < len(data) and data[pos] & 0xC0 == 0x80:
                 continue  # inside a UTF-8 character (byte-fallback tokens): no boundary here
             end_of_reply = generated[i] and (i + 1 == len(cached) or not generated[i + 1])
-            if end_of_reply or pos == len(data) or any(data.startswith(s, pos) for s in specials):
+            if end_of_reply or pos == len(data) or pos in specials:
                 keep, kept_bytes = i + 1, pos
         if keep == 0:
-            return self.tokenize(text, special=True, add_bos=self.add_bos)
-        return cached[:keep] + self.tokenize(data[kept_bytes:].decode("utf-8"), special=True)
+            return self._tokenize_layout(data, specials, 0, add_bos=self.add_bos)
+        return cached[:keep] + self._tokenize_layout(data, specials, kept_bytes, add_bos=False)
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)
@@ -162,12 +279,27 @@ class Backend(ABC):
             raise YiLocalError("the prompt is empty", hint="give some text to continue")
         if len(prompt) >= self.info.n_ctx:
             raise ContextOverflowError(len(prompt), self.info.n_ctx)
+        self.check_sampling(params)
         with self.lock:
             yield from self._generate_locked(prompt, params, cancel)
 
+    def check_sampling(self, params: SamplingParams) -> None:
+        """Refuse what this model cannot sample: values out of range, unknown token ids, bad grammars."""
+        params.validate()
+        for token in params.logit_bias:
+            if not 0 <= token < self.n_vocab:
+                raise ParamError("logit_bias", f"logit_bias names token {token}, but this model's tokens are "
+                                 f"0..{self.n_vocab - 1}")  # fmt: skip
+        if params.grammar:
+            check_grammar(params.grammar)
+
     def _generate_locked(self, prompt: list[int], params: SamplingParams, cancel: threading.Event | None) -> Iterator[Event]:
         t0 = time.perf_counter()
-        cached = self._prefill(prompt)
+        try:
+            cached = self._prefill(prompt, cancel)
+        except PrefillCancelled:
+            yield Finish("cancelled", Usage(len(prompt), 0), Timings(0, time.perf_counter() - t0, 0, 0.0, 0.0))
+            return
         t_prompt = time.perf_counter()
         self._begin_sampling(params, prompt)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -13,10 +13,12 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from converters.llama_lib import llama_cpp
 from yi_local import hardware
 from yi_local.errors import YiLocalError
-from yi_local.runtime.backend import Backend, ModelInfo
+from yi_local.runtime.backend import Backend, GrammarDeadEndError, ModelInfo, PrefillCancelled
 from yi_local.runtime.offload import plan_offload
 from yi_local.runtime.params import LoadOptions, SamplingParams
 
@@ -108,8 +110,12 @@ class LlamaCppBackend(Backend):
             raise YiLocalError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens",
                                hint="try a smaller --ctx")  # fmt: skip
         self._vocab = L.llama_model_get_vocab(self._model)
+        self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
         self._mem = L.llama_get_memory(self._ctx)
-        self._n_batch = options.n_batch
+        # llama.cpp clamps the batch to the context: a larger chunk would fail its assertion and abort.
+        self._n_batch = L.llama_n_batch(self._ctx)
+        self._grammar = None  # a grammar sampler, applied before the chain (see _sample_with_grammar)
+        self._candidates: np.ndarray | None = None
         self._cache, self._generated = [], []
         self._one = (L.llama_token * 1)()
         self._add_bos = bool(L.llama_vocab_get_add_bos(self._vocab))
@@ -129,6 +135,10 @@ class LlamaCppBackend(Backend):
         )
 
     # -- vocabulary --------------------------------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
     @property
     def add_bos(self) -> bool:
         return self._add_bos
@@ -177,7 +187,7 @@ class LlamaCppBackend(Backend):
             raise YiLocalError(f"llama.cpp failed to evaluate {n} token(s) (code {rc})",
                                hint="the context may be full; start a new conversation or raise --ctx")  # fmt: skip
 
-    def _prefill(self, tokens: list[int]) -> int:
+    def _prefill(self, tokens: list[int], cancel: threading.Event | None = None) -> int:
         reuse = self._reusable_prefix(tokens)
         if not self._L.llama_memory_seq_rm(self._mem, 0, reuse, -1):
             self._L.llama_memory_clear(self._mem, True)
@@ -187,6 +197,8 @@ class LlamaCppBackend(Backend):
         todo = tokens[reuse:]
         arr = (self._L.llama_token * len(todo))(*todo)
         for start in range(0, len(todo), self._n_batch):
+            if cancel is not None and cancel.is_set():
+                raise PrefillCancelled()
             n = min(self._n_batch, len(todo) - start)
             self._decode(ctypes.cast(ctypes.byref(arr, start * ctypes.sizeof(self._L.llama_token)),
                                      ctypes.POINTER(self._L.llama_token)), n)  # fmt: skip
@@ -201,25 +213,44 @@ class LlamaCppBackend(Backend):
         self._generated.append(True)
 
     # -- sampling ----------------------------------------------------------------------------
+    def check_sampling(self, params: SamplingParams) -> None:
+        """The shared checks, then llama.cpp's own parse of the grammar (which may still refuse it:
+        left recursion, a <token> that is not one token), so a bad grammar is an error before generation."""
+        super().check_sampling(params)
+        if params.grammar:
+            self._free(self._init_grammar(params.grammar))
+
+    def _init_grammar(self, text: str):
+        grammar = self._L.llama_sampler_init_grammar(self._vocab, text.encode(), b"root")
+        if not grammar:
+            raise YiLocalError("llama.cpp refused the grammar (see its message with -v: left recursion, an "
+                               "undefined rule or a <token> that is not one token)",
+                               hint="check its GBNF syntax; the start rule is `root`")  # fmt: skip
+        return grammar
+
+    def _free(self, sampler) -> None:
+        if sampler:
+            self._L.llama_sampler_free(sampler)
+
     def _begin_sampling(self, params: SamplingParams, prompt: list[int]) -> None:
         L = self._L
         self._free_sampler()
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         self._sampler = chain
-        n_vocab = L.llama_vocab_n_tokens(self._vocab)
-        if params.logit_bias:
-            items = [(int(t), float(b)) for t, b in params.logit_bias.items() if 0 <= int(t) < n_vocab]
-            arr = (L.llama_logit_bias * len(items))(*[L.llama_logit_bias(token=t, bias=b) for t, b in items])
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(items), arr))
-        if params.repeat_penalty != 1.0:
-            L.llama_sampler_chain_add(
-                chain, L.llama_sampler_init_penalties(params.repeat_last_n, params.repeat_penalty, 0.0, 0.0)
-            )
         if params.grammar:
-            grammar = L.llama_sampler_init_grammar(self._vocab, params.grammar.encode(), b"root")
-            if not grammar:
-                raise YiLocalError("the grammar does not parse", hint="check its GBNF syntax; the root rule is `root`")
-            L.llama_sampler_chain_add(chain, grammar)
+            self._grammar = self._init_grammar(params.grammar)
+        if params.logit_bias:
+            items = list(params.logit_bias.items())
+            arr = (L.llama_logit_bias * len(items))(*[L.llama_logit_bias(token=int(t), bias=float(b)) for t, b in items])
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(self._n_vocab, len(items), arr))
+        if params.penalized:
+            penalties = L.llama_sampler_init_penalties(self._n_vocab, params.repeat_last_n, params.repeat_penalty,
+                                                       params.frequency_penalty, params.presence_penalty)  # fmt: skip
+            # The penalties count the end of the prompt too, as llama.cpp's own tools do; only this
+            # sampler sees those tokens (a grammar must not).
+            for t in prompt[-params.repeat_last_n :]:
+                L.llama_sampler_accept(penalties, t)
+            L.llama_sampler_chain_add(chain, penalties)
         if params.temperature <= 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
         else:
@@ -230,19 +261,48 @@ class LlamaCppBackend(Backend):
             if params.min_p > 0.0:
                 L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
-            seed = params.seed if params.seed is not None else L.LLAMA_DEFAULT_SEED
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        if params.repeat_penalty != 1.0 and not params.grammar:
-            for t in prompt[-params.repeat_last_n :]:
-                L.llama_sampler_accept(chain, t)
+            seed = params.seed32 if params.seed is not None else L.LLAMA_DEFAULT_SEED
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
 
     def _sample(self) -> int:
+        if self._grammar is not None:
+            return self._sample_with_grammar()
         return self._L.llama_sampler_sample(self._sampler, self._ctx, -1)
 
+    def _sample_with_grammar(self) -> int:
+        """`llama_sampler_sample`, with the grammar applied first and a dead end caught.
+
+        When a grammar admits no token (its next character is one no token can spell), llama.cpp's
+        sampler picks one anyway and its accept throws a C++ exception that ends the process. Here
+        the grammar masks the candidates first; if nothing is left, generation stops with an error.
+        """
+        L = self._L
+        n = self._n_vocab
+        if self._candidates is None:
+            self._candidates = np.zeros(n, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
+            self._ids = np.arange(n, dtype=np.int32)
+        cand = self._candidates
+        cand["id"] = self._ids
+        cand["logit"] = np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, -1), shape=(n,))
+        cand["p"] = 0.0
+        arr = L.llama_token_data_array(data=cand.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), size=n,
+                                       selected=-1, sorted=False)  # fmt: skip
+        L.llama_sampler_apply(self._grammar, ctypes.byref(arr))
+        if not np.isfinite(cand["logit"][: arr.size]).any():
+            raise GrammarDeadEndError()
+        L.llama_sampler_apply(self._sampler, ctypes.byref(arr))
+        if not 0 <= arr.selected < arr.size:
+            raise GrammarDeadEndError()
+        token = int(arr.data[arr.selected].id)
+        if not self.is_end_of_generation(token):  # an end token ends the reply; the grammar never sees it
+            L.llama_sampler_accept(self._grammar, token)
+        L.llama_sampler_accept(self._sampler, token)
+        return token
+
     def _free_sampler(self) -> None:
-        if self._sampler is not None:
-            self._L.llama_sampler_free(self._sampler)
-            self._sampler = None
+        self._free(self._sampler)
+        self._free(self._grammar)
+        self._sampler = self._grammar = None
 
     def close(self) -> None:
         self._free_sampler()

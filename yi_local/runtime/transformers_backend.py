@@ -181,7 +181,13 @@ class TransformersBackend(Backend):
         return token in self._eog
 
     def special_texts(self) -> frozenset[bytes]:
-        return frozenset(t.encode() for t in self.tokenizer.all_special_tokens)
+        """Control tokens, as the GGUF converter marks them: special added tokens and SentencePiece controls."""
+        texts = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        texts.update(self.tokenizer.all_special_tokens)
+        sp = getattr(self.tokenizer, "sp_model", None)
+        if sp is not None:
+            texts.update(sp.IdToPiece(i) for i in range(sp.get_piece_size()) if sp.IsControl(i))
+        return frozenset(t.encode() for t in texts if t)
 
     def reset(self) -> None:
         with self.lock:
@@ -215,7 +221,7 @@ class TransformersBackend(Backend):
                          **{self._cache_kw: self._cache_obj})  # fmt: skip
         return out.logits[0, -1].float()
 
-    def _prefill(self, tokens: list[int]) -> int:
+    def _prefill(self, tokens: list[int], cancel: threading.Event | None = None) -> int:
         reuse = self._reusable_prefix(tokens)
         if self._cache_obj is None:
             self._cache_obj = self._new_cache()
@@ -245,10 +251,18 @@ class TransformersBackend(Backend):
         self._generated.append(True)
 
     # -- sampling ----------------------------------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    def check_sampling(self, params: SamplingParams) -> None:
+        if params.grammar:
+            raise YiLocalError("grammars need the llama.cpp backend (response_format too)",
+                               hint="drop the grammar or use --backend llama.cpp")  # fmt: skip
+        super().check_sampling(params)
+
     def _begin_sampling(self, params: SamplingParams, prompt: list[int]) -> None:
         torch = self._torch
-        if params.grammar:
-            raise YiLocalError("grammars need the llama.cpp backend", hint="drop the grammar or use --backend llama.cpp")
         self._params = params
         vocab = self.model.config.vocab_size
         self._bias = None
@@ -257,9 +271,9 @@ class TransformersBackend(Backend):
             for token, bias in params.logit_bias.items():
                 if 0 <= int(token) < vocab:
                     self._bias[int(token)] = float(bias)
-        self._recent = list(prompt[-params.repeat_last_n :]) if params.repeat_penalty != 1.0 else []
+        self._recent = list(prompt[-params.repeat_last_n :]) if params.penalized else []
         self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(params.seed if params.seed is not None else torch.seed() & 0xFFFFFFFF)
+        self._generator.manual_seed(params.seed32 if params.seed is not None else torch.seed() & 0xFFFFFFFF)
 
     def _sample(self) -> int:
         torch = self._torch
@@ -268,17 +282,25 @@ class TransformersBackend(Backend):
         if self._bias is not None:
             logits = logits + self._bias
         if self._recent:
-            ids = torch.tensor(self._recent, device=self.device)
-            picked = logits[ids]
-            logits = logits.clone()
-            logits[ids] = torch.where(picked > 0, picked / p.repeat_penalty, picked * p.repeat_penalty)
+            logits = self._penalize(logits, p)
         if p.temperature <= 0:
             token = int(logits.argmax())
         else:
             token = self._sample_filtered(logits, p)
-        if p.repeat_penalty != 1.0:
+        if p.penalized:
             self._recent = (self._recent + [token])[-p.repeat_last_n :]
         return token
+
+    def _penalize(self, logits, p: SamplingParams):
+        """llama.cpp's penalties sampler: repeat (divide or multiply), then frequency and presence."""
+        torch = self._torch
+        ids, counts = torch.unique(torch.tensor(self._recent, device=self.device), return_counts=True)
+        picked = logits[ids]
+        picked = torch.where(picked > 0, picked / p.repeat_penalty, picked * p.repeat_penalty)
+        picked = picked - counts.to(picked.dtype) * p.frequency_penalty - p.presence_penalty
+        logits = logits.clone()
+        logits[ids] = picked
+        return logits
 
     def _sample_filtered(self, logits, p: SamplingParams) -> int:
         """top-k, top-p and min-p on the distribution, then temperature (llama.cpp's order)."""

@@ -1,0 +1,254 @@
+"""Check an untrusted GBNF grammar before llama.cpp sees it.
+
+llama.cpp parses grammars with a recursive-descent parser on the calling thread's stack: a grammar
+of 20,000 nested parentheses overflows it and takes the process down, and its sampler throws C++
+exceptions that ctypes cannot catch. This module parses the same syntax as llama.cpp
+(`llama-grammar.cpp`) in Python, with an explicit nesting limit instead of recursion into the
+unknown, and refuses grammars over the size, nesting and rule limits with a message that says where.
+A grammar that passes is small and shallow enough for llama.cpp's parser and its stack walks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from yi_local.errors import YiLocalError
+
+MAX_BYTES = 100_000
+# llama.cpp's parser and its stack walks use about 0.5 KB of stack per nesting level or chained rule;
+# 17,000 levels overflow a thread's 8 MB. These limits stay far below that and above what real
+# grammars (JSON schemas with maxLength 1000 nest that deep) need.
+MAX_DEPTH = 1_000  # nested parentheses
+MAX_RULES = 4_096  # named rules plus the ones groups and repetitions create
+MAX_REPETITION = 2_000  # llama.cpp's MAX_REPETITION_THRESHOLD
+
+_ESCAPES = {"x": 2, "u": 4, "U": 8}
+_SIMPLE_ESCAPES = set('trn\\"[]-')
+
+
+class GrammarError(YiLocalError):
+    pass
+
+
+def _is_word(c: str) -> bool:
+    return c.isascii() and (c.isalnum() or c == "-")
+
+
+@dataclass
+class GrammarInfo:
+    rules: set[str]
+    n_rules: int  # named and synthesized, as llama.cpp will count them
+    depth: int
+
+
+class _Parser:
+    def __init__(self, src: str):
+        self.src = src
+        self.pos = 0
+        self.defined: set[str] = set()
+        self.referenced: dict[str, int] = {}  # name -> position of first use
+        self.n_rules = 0
+        self.max_depth = 0
+
+    # -- errors and positions ----------------------------------------------------------------
+    def fail(self, what: str, pos: int | None = None) -> GrammarError:
+        pos = self.pos if pos is None else pos
+        line = self.src.count("\n", 0, pos) + 1
+        col = pos - (self.src.rfind("\n", 0, pos) + 1) + 1
+        return GrammarError(f"the grammar does not parse: {what} at line {line}, column {col}",
+                            hint="check its GBNF syntax (llama.cpp's grammar format); the start rule is `root`")  # fmt: skip
+
+    def peek(self, k: int = 0) -> str:
+        i = self.pos + k
+        return self.src[i] if i < len(self.src) else ""
+
+    def space(self, newline_ok: bool) -> None:
+        src, n = self.src, len(self.src)
+        while self.pos < n:
+            c = src[self.pos]
+            if c == "#":
+                while self.pos < n and src[self.pos] not in "\r\n":
+                    self.pos += 1
+            elif c in " \t" or (newline_ok and c in "\r\n"):
+                self.pos += 1
+            else:
+                break
+
+    def name(self) -> str:
+        start = self.pos
+        while _is_word(self.peek()):
+            self.pos += 1
+        if self.pos == start:
+            raise self.fail("expecting a rule name")
+        return self.src[start : self.pos]
+
+    def integer(self) -> int:
+        start = self.pos
+        while self.peek().isascii() and self.peek().isdigit():
+            self.pos += 1
+        if self.pos == start:
+            raise self.fail("expecting an integer")
+        return int(self.src[start : self.pos])
+
+    def char(self) -> None:
+        c = self.peek()
+        if not c:
+            raise self.fail("unexpected end of input")
+        if c != "\\":
+            self.pos += 1
+            return
+        e = self.peek(1)
+        if e in _ESCAPES:
+            digits = self.src[self.pos + 2 : self.pos + 2 + _ESCAPES[e]]
+            if len(digits) != _ESCAPES[e] or any(d not in "0123456789abcdefABCDEF" for d in digits):
+                raise self.fail(f"expecting {_ESCAPES[e]} hex digits after \\{e}")
+            self.pos += 2 + _ESCAPES[e]
+        elif e in _SIMPLE_ESCAPES:
+            self.pos += 2
+        else:
+            raise self.fail(f"unknown escape \\{e}")
+
+    # -- the grammar ---------------------------------------------------------------------------
+    def parse(self) -> GrammarInfo:
+        self.space(True)
+        while self.pos < len(self.src):
+            self.rule()
+        if "root" not in self.defined:
+            raise GrammarError("the grammar has no `root` rule", hint="GBNF grammars start at `root ::= ...`")
+        for name, pos in self.referenced.items():
+            if name not in self.defined:
+                raise self.fail(f"undefined rule {name!r}", pos)
+        return GrammarInfo(self.defined, self.n_rules, self.max_depth)
+
+    def rule(self) -> None:
+        name = self.name()
+        self.space(False)
+        if self.src[self.pos : self.pos + 3] != "::=":
+            raise self.fail("expecting ::=")
+        self.pos += 3
+        self.space(True)
+        if name not in self.defined:
+            self.new_rule()
+        self.defined.add(name)
+        self.alternates()
+        c = self.peek()
+        if c == "\r":
+            self.pos += 2 if self.peek(1) == "\n" else 1
+        elif c == "\n":
+            self.pos += 1
+        elif c:
+            raise self.fail(f"expecting a newline or the end, found {c!r}")
+        self.space(True)
+
+    def new_rule(self, count: int = 1) -> None:
+        self.n_rules += count
+        if self.n_rules > MAX_RULES:
+            raise GrammarError(f"the grammar makes more than {MAX_RULES} rules",
+                               hint="simplify it: fewer rules, groups and bounded repetitions")  # fmt: skip
+
+    def alternates(self) -> None:
+        """A rule's body: alternatives of sequences, with groups tracked by a counter, not recursion."""
+        depth = 0
+        has_item = False  # something a repetition operator may follow
+        while True:
+            c = self.peek()
+            if c == '"':
+                self.pos += 1
+                while self.peek() != '"':
+                    self.char()
+                self.pos += 1
+            elif c == "[":
+                self.pos += 1
+                if self.peek() == "^":
+                    self.pos += 1
+                while self.peek() != "]":
+                    self.char()
+                    if self.peek() == "-" and self.peek(1) != "]":
+                        if not self.peek(1):
+                            raise self.fail("unexpected end of input")
+                        self.pos += 1
+                        self.char()
+                self.pos += 1
+            elif c in ("<", "!"):
+                self.token()
+            elif c and _is_word(c):
+                start = self.pos
+                self.referenced.setdefault(self.name(), start)
+            elif c == "(":
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise self.fail(f"parentheses nested more than {MAX_DEPTH} deep")
+                self.max_depth = max(self.max_depth, depth)
+                self.new_rule()
+                self.pos += 1
+                self.space(True)
+                has_item = False
+                continue
+            elif c == ")" and depth > 0:
+                depth -= 1
+                self.pos += 1
+            elif c == ".":
+                self.pos += 1
+            elif c == "|":
+                self.pos += 1
+                self.space(True)
+                has_item = False
+                continue
+            elif c in ("*", "+", "?", "{"):
+                if not has_item:
+                    raise self.fail(f"expecting an item before {c!r}")
+                self.repetition(depth > 0)
+            else:
+                if depth > 0:
+                    raise self.fail("expecting ')'")
+                return
+            has_item = True
+            self.space(depth > 0)
+
+    def token(self) -> None:
+        if self.peek() == "!":
+            self.pos += 1
+        if self.peek() != "<":
+            raise self.fail("expecting '<'")
+        end = self.src.find(">", self.pos)
+        if end < 0:
+            raise self.fail("expecting '>'")
+        self.pos = end + 1
+
+    def repetition(self, nested: bool) -> None:
+        c = self.peek()
+        self.pos += 1
+        if c != "{":
+            self.new_rule()
+            return
+        self.space(nested)
+        low = self.integer()
+        self.space(nested)
+        high = low
+        if self.peek() == ",":
+            self.pos += 1
+            self.space(nested)
+            high = self.integer() if self.peek().isascii() and self.peek().isdigit() else None
+            self.space(nested)
+        if self.peek() != "}":
+            raise self.fail("expecting '}'")
+        self.pos += 1
+        if low > MAX_REPETITION or (high is not None and high > MAX_REPETITION):
+            raise self.fail(f"a repetition over {MAX_REPETITION}")
+        if high is not None and high < low:
+            raise self.fail(f"a repetition {{{low},{high}}} whose maximum is below its minimum")
+        self.new_rule(max(1, (high if high is not None else 1) - low))
+
+
+def check_grammar(src: str) -> GrammarInfo:
+    """Parse `src` as llama.cpp would, within the limits above; raise GrammarError saying what is wrong."""
+    size = len(src.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_BYTES:
+        raise GrammarError(f"the grammar is {size:,} bytes; the limit is {MAX_BYTES:,}", hint="send a smaller grammar")
+    if "\x00" in src:
+        raise GrammarError("the grammar contains a NUL character", hint="remove it")
+    try:
+        src.encode("utf-8")
+    except UnicodeEncodeError:
+        raise GrammarError("the grammar is not valid Unicode text", hint="send it as UTF-8") from None
+    return _Parser(src).parse()
