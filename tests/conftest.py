@@ -69,7 +69,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, **kw) -> 
     return subprocess.run(
         [sys.executable, "-m", "yi_local", *args],
         capture_output=True,
-        text=True,
+        text=kw.pop("text", True),
         timeout=timeout,
         cwd=kw.pop("cwd", REPO),
         env={**os.environ, **(env or {})},

@@ -7,6 +7,7 @@ event: the runtime ends it at the next token and the text written so far stays.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Callable
 
@@ -167,9 +168,9 @@ class ChatApp(App[None]):
         self._generate(view, self.session.chat_messages(), self.session.settings.sampling(self._params()), self.cancel)
 
     def _params(self) -> SamplingParams:
+        """Every sampling flag the chat was started with; /temperature, /top_p, /max_tokens override theirs."""
         b = self.base_params
-        return SamplingParams(top_k=b.top_k, min_p=b.min_p, repeat_penalty=b.repeat_penalty, seed=b.seed,
-                              stop=list(b.stop))  # fmt: skip
+        return dataclasses.replace(b, stop=list(b.stop), logit_bias=dict(b.logit_bias))
 
     @work(thread=True, group="reply")
     def _generate(self, view: ReplyMessage, messages: list[dict], params: SamplingParams, cancel: threading.Event) -> None:

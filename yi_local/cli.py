@@ -24,28 +24,50 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="yi-local",
-        description="Run 01.AI's Yi models on your own machine, offline and fast.",
-    )
+class Parser(argparse.ArgumentParser):
+    """Usage errors exit with code 1, like every other user mistake."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(1, f"{self.prog}: error: {message}\n  see `{self.prog} --help`\n")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (its help lists the commands) and each command's own parser."""
+    parser = Parser(prog="yi-local", description="Run 01.AI's Yi models on your own machine, offline and fast.")
     parser.add_argument("--version", action="version", version=f"yi-local {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    commands = {}
     for name, (module, help_text) in COMMANDS.items():
         cmd = importlib.import_module(f"yi_local.commands.{module}")
-        p = sub.add_parser(name, help=help_text, description=cmd.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = commands[name] = sub.add_parser(name, help=help_text, description=cmd.__doc__,
+                                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         cmd.add_arguments(p)
-        p.set_defaults(run=cmd.run)
-    return parser
+        p.set_defaults(run=cmd.run, command=name)
+    return parser, commands
+
+
+def parse(argv: list[str]) -> argparse.Namespace | None:
+    """Global options, then the command's arguments in any order (`run MODEL --temp 0 "prompt"`).
+
+    argparse's intermixed parsing, which lets options sit between positionals, refuses parsers with
+    subcommands, so the command's parser gets the words after the command name on its own.
+    """
+    parser, commands = build_parser()
+    at = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
+    args = parser.parse_args(argv[:at])  # --help, --version, -v, or an unknown global option
+    if at == len(argv):
+        parser.print_help()
+        return None
+    name = argv[at]
+    if name not in commands:
+        parser.error(f"unknown command {name!r} (choose from {', '.join(commands)})")
+    return commands[name].parse_intermixed_args(argv[at + 1 :], namespace=args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
+    args = parse(list(sys.argv[1:] if argv is None else argv))
+    if args is None:
         return 1
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

@@ -32,23 +32,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_args(p, max_tokens=1024)
 
 
-def run(args: argparse.Namespace) -> int:
+def build_app(args: argparse.Namespace, model: str, backend_name: str):
+    """The chat app for these arguments, loading `model` in the background once it starts."""
     from tui.app import ChatApp
     from tui.session import Session, Settings, list_sessions, load_session
     from yi_local.runtime import load_backend
 
+    base = sampling_params(args)
     if args.session and args.session in list_sessions():
         session = load_session(args.session)
     else:
-        session = Session(settings=Settings(temperature=args.temperature, top_p=args.top_p,
-                                            max_tokens=args.max_tokens))  # fmt: skip
+        session = Session(settings=Settings(temperature=base.temperature, top_p=base.top_p, max_tokens=base.max_tokens))
     if args.system:
         session.system = args.system
-
-    model, backend_name = resolve_model(args)  # a pull or conversion happens here, before the app starts
 
     def loader(progress):
         return load_backend(model, load_options(args, on_progress=progress), backend=backend_name)
 
-    ChatApp(loader, session=session, session_name=args.session, base_params=sampling_params(args)).run()
+    return ChatApp(loader, session=session, session_name=args.session, base_params=base)
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling_params(args)  # bad flags fail before a pull or conversion
+    model, backend_name = resolve_model(args)  # a pull or conversion happens here, before the app starts
+    build_app(args, model, backend_name).run()
     return 0

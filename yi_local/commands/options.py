@@ -3,17 +3,45 @@
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
-from yi_local.runtime.params import LoadOptions, SamplingParams
+from yi_local.runtime.params import LOAD_LIMITS, MIN_CTX, SAMPLING_LIMITS, Limit, LoadOptions, SamplingParams
+
+SAMPLING = SamplingParams()  # the defaults, written once in the runtime
+LOADING = LoadOptions()
+
+
+def limited(limit: Limit, extra: Callable[[float], str | None] | None = None) -> Callable[[str], float]:
+    """An argparse type for a value in `limit` (the runtime's own table, so the CLI and the API agree)."""
+
+    def parse(text: str):
+        try:
+            value = int(text) if limit.integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {limit.describe()}, not {text!r}") from None
+        if not limit.contains(value):
+            raise argparse.ArgumentTypeError(f"must be {limit.describe()}, not {text}")
+        problem = extra(value) if extra else None
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
+
+
+def _ctx_problem(value: float) -> str | None:
+    if 0 < value < MIN_CTX:
+        return f"a context of {value:g} tokens is too small: use at least {MIN_CTX}, or 0 for the model's own"
+    return None
 
 
 def _gpu_layers(value: str) -> int | str:
     if value == "auto":
         return value
     try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected 'auto' or a number of layers (-1: all)") from None
+        return limited(LOAD_LIMITS["n_gpu_layers"])(value)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of layers (-1: all): {e}") from None
 
 
 MODEL_HELP = "a .gguf file, a store name (yi:6b-chat[:q5_k_m]), a Hugging Face folder or a hub repo id"
@@ -69,21 +97,33 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-gpu-layers", "-ngl", type=_gpu_layers, default="auto", metavar="auto|N",
                    help="layers to offload to the GPU (auto: all when the model fits, else as many as fit; "
                    "-1: all; 0: CPU only)")
-    g.add_argument("--ctx", type=int, default=4096, help="context length in tokens (0: the model's own; default 4096)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    g.add_argument("--batch", type=int, default=512, help="prompt evaluation batch size (default 512)")
+    g.add_argument("--ctx", type=limited(LOAD_LIMITS["n_ctx"], _ctx_problem), default=LOADING.n_ctx,
+                   help=f"context length in tokens (0: the model's own; default {LOADING.n_ctx})")  # fmt: skip
+    g.add_argument("--threads", type=limited(LOAD_LIMITS["n_threads"]), default=None,
+                   help="CPU threads (default: all cores)")  # fmt: skip
+    g.add_argument("--batch", type=limited(LOAD_LIMITS["n_batch"]), default=LOADING.n_batch,
+                   help=f"prompt evaluation batch size (default {LOADING.n_batch})")  # fmt: skip
 
 
-def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 512) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = SAMPLING.max_tokens) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", "--temp", type=float, default=0.7, help="0 for greedy (default 0.7)")
-    g.add_argument("--top-k", type=int, default=40, help="default 40 (0: off)")
-    g.add_argument("--top-p", type=float, default=0.95, help="default 0.95 (1: off)")
-    g.add_argument("--min-p", type=float, default=0.05, help="default 0.05 (0: off)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="default 1.0 (off)")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    g.add_argument("--max-tokens", type=int, default=max_tokens,
-                   help=f"most tokens to generate (default {max_tokens})")  # fmt: skip
+
+    def add(flag: str, name: str, help_text: str, *aliases: str, default=None) -> None:
+        value = getattr(SAMPLING, name) if default is None else default
+        g.add_argument(flag, *aliases, dest=name, type=limited(SAMPLING_LIMITS[name]), default=value,
+                       help=f"{help_text} (default {value})")  # fmt: skip
+
+    add("--temperature", "temperature", "0 for greedy", "--temp")
+    add("--top-k", "top_k", "keep the K most likely tokens; 0: off")
+    add("--top-p", "top_p", "nucleus sampling; 1: off")
+    add("--min-p", "min_p", "drop tokens below this share of the likeliest; 0: off")
+    add("--repeat-penalty", "repeat_penalty", "penalize tokens seen in the last --repeat-last-n; 1: off")
+    add("--repeat-last-n", "repeat_last_n", "how many recent tokens the penalties look at; 0: off")
+    add("--frequency-penalty", "frequency_penalty", "subtract this times a token's recent count; 0: off")
+    add("--presence-penalty", "presence_penalty", "subtract this from tokens seen recently; 0: off")
+    g.add_argument("--seed", type=limited(SAMPLING_LIMITS["seed"]), default=None, help="random seed (default: random)")
+    g.add_argument("--max-tokens", type=limited(SAMPLING_LIMITS["max_tokens"]), default=max_tokens,
+                   help=f"most tokens to generate (default {max_tokens or 'until the context is full'})")  # fmt: skip
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at TEXT (repeatable)")
 
 
@@ -93,7 +133,12 @@ def load_options(args: argparse.Namespace, on_progress=None) -> LoadOptions:
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
+    """The sampling flags, checked now: a bad --stop fails before a model is resolved or loaded."""
+    params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=list(args.stop),
+        min_p=args.min_p, repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+        frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty, seed=args.seed,
+        stop=list(args.stop),
     )  # fmt: skip
+    params.validate()
+    return params

@@ -10,6 +10,8 @@ A grammar that passes is small and shallow enough for llama.cpp's parser and its
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 
 from yi_local.errors import YiLocalError
@@ -252,3 +254,68 @@ def check_grammar(src: str) -> GrammarInfo:
     except UnicodeEncodeError:
         raise GrammarError("the grammar is not valid Unicode text", hint="send it as UTF-8") from None
     return _Parser(src).parse()
+
+
+MAX_SCHEMA_BYTES = 100_000
+MAX_SCHEMA_DEPTH = 64
+# llama-cpp-python's converter expands counts into nested rules before anything can check them:
+# {"maxLength": 10**9} allocates until the process is killed. Counts stay below this.
+MAX_SCHEMA_COUNT = 1_000
+_COUNT_KEYS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
+               "minContains", "maxContains")  # fmt: skip
+_QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def _check_schema(schema: object) -> None:
+    """Bound what the converter would expand: nesting, counts, and quantifiers in patterns."""
+    todo = [(schema, 0)]
+    while todo:
+        node, depth = todo.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise GrammarError(f"the JSON schema is nested more than {MAX_SCHEMA_DEPTH} deep", hint="flatten it")
+        if isinstance(node, dict):
+            for key in _COUNT_KEYS:
+                value = node.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_SCHEMA_COUNT:
+                    raise GrammarError(f"the JSON schema's {key} is {value}; the limit is {MAX_SCHEMA_COUNT}",
+                                       hint="use a smaller bound")  # fmt: skip
+            pattern = node.get("pattern")
+            if isinstance(pattern, str):
+                for m in _QUANTIFIER.finditer(pattern):
+                    if any(g and int(g) > MAX_SCHEMA_COUNT for g in m.groups()):
+                        raise GrammarError(f"the JSON schema's pattern repeats more than {MAX_SCHEMA_COUNT} times",
+                                           hint="use a smaller bound")  # fmt: skip
+            todo.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            todo.extend((v, depth + 1) for v in node)
+
+
+def json_grammar(schema: str | None = None) -> str:
+    """A grammar for any JSON value, or for JSON matching `schema` (a JSON Schema, as text).
+
+    The schema is converted by llama-cpp-python's own converter and the result is checked like any
+    untrusted grammar.
+    """
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if schema is None or schema.strip() in ("true", "{}"):
+        return JSON_GBNF
+    if len(schema) > MAX_SCHEMA_BYTES:
+        raise GrammarError(f"the JSON schema is {len(schema):,} bytes; the limit is {MAX_SCHEMA_BYTES:,}",
+                           hint="send a smaller schema")  # fmt: skip
+    try:
+        _check_schema(json.loads(schema))
+    except RecursionError:
+        raise GrammarError("the JSON schema is nested too deeply", hint="flatten it") from None
+    except ValueError:
+        raise GrammarError("the JSON schema is not valid JSON", hint="send a JSON Schema object") from None
+    try:
+        grammar = json_schema_to_gbnf(schema)
+    except RecursionError:
+        raise GrammarError("the JSON schema is nested too deeply", hint="flatten it") from None
+    except Exception as e:  # the converter raises assorted types for schemas it cannot express
+        raise GrammarError(f"the JSON schema cannot be turned into a grammar ({type(e).__name__}: {e})"[:300],
+                           hint="use the JSON Schema features llama.cpp supports (types, properties, "
+                           "required, items, enum, const, anyOf, min/max lengths)") from None  # fmt: skip
+    check_grammar(grammar)
+    return grammar

@@ -30,9 +30,12 @@ class Limit:
     note: str = ""
 
     def describe(self) -> str:
-        low = f"above {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        def show(v: float) -> str:
+            return f"{int(v)}" if self.integer else f"{v:g}"
+
+        low = f"above {show(self.low)}" if self.low_open else f"at least {show(self.low)}"
         kind = "an integer" if self.integer else "a number"
-        text = f"{kind} {low} and at most {self.high:g}"
+        text = f"{kind} {low} and at most {show(self.high)}"
         return f"{text} ({self.note})" if self.note else text
 
     def contains(self, value: float) -> bool:

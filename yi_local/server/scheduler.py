@@ -18,6 +18,9 @@ from yi_local.runtime import Event, Finish, SamplingParams, Timings, Usage
 from yi_local.runtime.backend import Backend
 
 
+WORKER_STACK_BYTES = 64 << 20
+
+
 class QueueFullError(YiLocalError):
     pass
 
@@ -52,8 +55,13 @@ class Scheduler:
         self.backend = backend
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.busy = False  # a job is generating right now
-        self._thread = threading.Thread(target=self._work, name="yi-local-generate", daemon=True)
-        self._thread.start()
+        # llama.cpp walks grammars recursively on this thread: give it room beyond the 8 MB default.
+        previous = threading.stack_size(WORKER_STACK_BYTES)
+        try:
+            self._thread = threading.Thread(target=self._work, name="yi-local-generate", daemon=True)
+            self._thread.start()
+        finally:
+            threading.stack_size(previous)
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Job:
         job = Job(prompt, params, asyncio.get_running_loop())
