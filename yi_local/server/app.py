@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +33,7 @@ from yi_local.server.scheduler import Job, QueueFullError, Scheduler
 from yi_local.server.security import BrowserGuard, HostPolicy, check_api_key
 
 STATIC = Path(__file__).parent / "static"
+logger = logging.getLogger(__name__)
 BODY_SECONDS = 30.0
 
 
@@ -87,6 +89,9 @@ def stream_response(job: Job, make_chunk: Callable[[dict, str | None], dict], fi
                         yield {"data": json.dumps(chunk)}
         except YiLocalError as e:  # the headers are sent: report it in the stream, as OpenAI does
             yield {"data": json.dumps(from_user_error(e).body)}
+        except Exception as e:  # a bug: the client still gets an error event and the end of the stream
+            logger.exception("generation failed")
+            yield {"data": json.dumps(error_body(f"internal error: {type(e).__name__}", "server_error"))}
         yield {"data": "[DONE]"}
 
     return EventSourceResponse(events(), ping=15)
