@@ -138,8 +138,9 @@ def test_out_of_range_flags_are_refused_before_llama_cpp(chat_gguf):
                                 ("--temperature", "nan", "at most 2"), ("--top-p", "0", "above 0"),
                                 ("--repeat-penalty", "0", "above 0"), ("--max-tokens", "0", "at least 1"),
                                 ("--frequency-penalty", "-3", "at least -2"), ("--n-gpu-layers", "-5", "-1 is all")]:  # fmt: skip
-        for command in ("run", "serve"):
-            proc = run_cli(command, str(chat_gguf), flag, value, "hi" if command == "run" else "--port=0")
+        for command in ("run", "serve", "chat"):
+            proc = run_cli(command, str(chat_gguf), flag, value, "hi" if command == "run" else "--port=0"
+                           if command == "serve" else "--system=x")  # fmt: skip
             assert proc.returncode == 1, (command, flag, proc.stderr)
             assert needle in proc.stderr and "Traceback" not in proc.stderr and flag in proc.stderr
     proc = run_cli("run", str(chat_gguf), "--stop", "x" * 600, "hi")

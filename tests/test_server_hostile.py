@@ -358,3 +358,25 @@ def test_openai_client_end_to_end_with_every_sampling_field(server, reference):
                                           **fields)  # fmt: skip
     expected = library(reference, MESSAGES, logit_bias={2: -100.0, 7: -100.0}, **fields, **extra)
     assert resp.choices[0].message.content == expected
+
+
+def test_a_model_whose_chat_template_loops_gets_a_clear_error(chat_dir, tmp_path):
+    """A downloaded GGUF can carry any Jinja template: one that loops for ever stalled the renderer."""
+    import shutil
+
+    from converters.convert import convert
+
+    folder = tmp_path / "Yi-Looping-chat"
+    shutil.copytree(chat_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+                               "<|im_start|>user\n{{ messages[0]['content'] }}<|im_end|>\n")  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    gguf = convert(folder, out=tmp_path, quants=["Q8_0"]).files[0]
+    with running_server(gguf, "--ctx", "256") as (base, proc):
+        start = time.monotonic()
+        err = error(post(base, {"messages": MESSAGES}), 400)
+        assert "did not finish rendering" in err["message"] and time.monotonic() - start < 15
+        assert httpx.get(f"{base}/health").status_code == 200
+        resp = post(base, {"prompt": "plain text still works", "max_tokens": 2}, "/v1/completions")
+        assert resp.status_code == 200
