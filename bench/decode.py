@@ -25,7 +25,7 @@ from models import yi6b_gguf
 from converters.llama_lib import llama_cpp
 from yi_local.runtime import Finish, LoadOptions, SamplingParams, load_backend
 
-NO_END = {2: -1e9, 7: -1e9}
+NO_END = {2: -100.0, 7: -100.0}  # the API's limit: enough to ban a token
 
 
 def bare_loop(path: str, prompt: list[int], n_gen: int, threads: int, batch: int) -> tuple[float, float]:

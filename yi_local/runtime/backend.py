@@ -218,6 +218,8 @@ class Backend(ABC):
 
     def check_prompt_size(self, n_bytes: int) -> None:
         """Refuse, without tokenizing, text that cannot fit the context whatever its tokens."""
+        if n_bytes < self.info.n_ctx:
+            return  # fewer bytes than the context holds tokens: it may fit (and the vocabulary scan waits)
         at_least = -(-n_bytes // self.max_token_bytes())
         if at_least >= self.info.n_ctx:
             raise ContextOverflowError(at_least, self.info.n_ctx, at_least=True)
