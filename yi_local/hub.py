@@ -4,23 +4,32 @@ huggingface-hub does the transfer: progress bars, HF_TOKEN, resuming a cut downl
 requests. On top of it: only the needed files are fetched (weights in one format, config and
 tokenizer files), every file is checked against the hub's checksums (sha256 for LFS files), and
 hub errors become messages that say what to do.
+
+Several commands may use one download at once (two pulls of different quantizations of a model): each
+holds a shared lock on it while it does (`using_download`), and `release_download` deletes it only when
+it gets the lock alone, so never under another process's feet, and never when a user asked to keep it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from yi_local.errors import YiLocalError
-from yi_local.paths import home
+from yi_local.paths import ensure_dir, home, locks_dir
 from yi_local.store import slug
 
 CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
                 "special_tokens_map.json", "added_tokens.json"]  # fmt: skip
 SAFETENSORS = ["*.safetensors", "model.safetensors.index.json"]
 PYTORCH_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+# In a download folder: some command was asked to keep it (--keep-source, or the transformers backend's copy).
+KEEP_MARKER = ".yi-local-keep"
 
 
 @dataclass(frozen=True)
@@ -45,13 +54,17 @@ def offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def download_path(repo: str) -> Path:
+    return downloads_dir() / slug(repo)
+
+
 def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def download(repo: str, revision: str = "main") -> Download:
     """Fetch `repo`'s config, tokenizer and weights into the downloads folder (resuming what is there)."""
-    local = downloads_dir() / slug(repo)
+    local = download_path(repo)
     if offline():
         if (local / "config.json").is_file():
             return Download(local, None)
@@ -69,7 +82,7 @@ def download(repo: str, revision: str = "main") -> Download:
         if not any(f.endswith((".safetensors", ".bin")) for f in files):
             raise YiLocalError(f"{repo} has no weights (neither *.safetensors nor pytorch_model*.bin)",
                                hint="is this a model repository? quantized-only repos (AWQ/GPTQ/GGUF) cannot be converted")  # fmt: skip
-        local.mkdir(parents=True, exist_ok=True)
+        ensure_dir(local)
         snapshot_download(repo, revision=info.sha, local_dir=local, allow_patterns=CONFIG_FILES + weights)
         verification = api.verify_repo_checksums(repo, revision=info.sha, local_dir=local)
     if verification.mismatches:
@@ -88,6 +101,67 @@ def remove_download(path: Path) -> int:
     size = folder_size(path) if path.is_dir() else 0
     shutil.rmtree(path, ignore_errors=True)
     return size
+
+
+def _users(repo: str):
+    from filelock import ReadWriteLock
+
+    return ReadWriteLock(locks_dir() / f"download-{slug(repo)}.db")
+
+
+@contextmanager
+def using_download(repo: str) -> Iterator[None]:
+    """While inside, this process needs `repo`'s download: `release_download` leaves it in place."""
+    lock = _users(repo)
+    with _lock_errors(lock.lock_file):
+        lock.acquire_read()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def keep_download(path: Path) -> None:
+    """Mark a download as wanted: `release_download` keeps it from now on."""
+    if path.is_dir():
+        (path / KEEP_MARKER).touch()
+
+
+def release_download(repo: str) -> int:
+    """Delete `repo`'s download unless a command is using it or one asked to keep it; the bytes freed."""
+    from filelock import Timeout
+
+    path = download_path(repo)
+    lock = _users(repo)
+    try:
+        with _lock_errors(lock.lock_file):
+            lock.acquire_write(blocking=False)
+    except Timeout:
+        return 0  # another command needs it: the last one to finish removes it
+    try:
+        if not path.is_dir() or (path / KEEP_MARKER).exists():
+            return 0
+        return remove_download(path)
+    finally:
+        lock.release()
+
+
+class _lock_errors:
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        import sqlite3
+
+        from filelock import Timeout
+
+        if isinstance(exc, (OSError, sqlite3.Error)) and not isinstance(exc, Timeout):
+            raise YiLocalError(f"cannot use the lock file {self.path} ({exc})",
+                               hint="check that its folder is writable and the disk not full") from None  # fmt: skip
+        return False
 
 
 class _hub_errors:
@@ -113,6 +187,10 @@ class _hub_errors:
                                hint=f"check the name; for a private repository {token_hint}") from None  # fmt: skip
         if isinstance(exc, errors.RevisionNotFoundError):
             raise YiLocalError(f"{self.repo} has no such revision", hint="check the revision name") from None
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise YiLocalError(f"could not write the download of {self.repo} in {download_path(self.repo)} "
+                               f"({exc.strerror})", hint="free some space there, or set YI_LOCAL_HOME to "
+                               "another disk; the pull resumes where it stopped when run again") from None  # fmt: skip
         if isinstance(exc, (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError)) or "httpx" in type(exc).__module__:
             raise YiLocalError(
                 f"could not download {self.repo} from {where} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
