@@ -53,6 +53,10 @@ def _convert_into_store(src: Path, repo: str, name: str | None, quant: str, revi
 def pull(spec: str | ModelRef, keep_source: bool = False, progress: Progress | None = None,
          threads: int | None = None) -> PullResult:  # fmt: skip
     """Download, convert and store one model. Pulls of one model wait for each other and share the download."""
+    if isinstance(spec, str) and (_kind(_path(spec)) is not None or _looks_like_path(spec)):
+        raise YiLocalError(f"{spec[:200]} is a path: pull takes a model name or a hub repo id",
+                           hint="a local folder needs no pull: `yi-local run FOLDER` converts it into the store, "
+                           "`yi-local convert FOLDER` into a .gguf")  # fmt: skip
     ref = parse_name(spec) if isinstance(spec, str) else spec
     existing = store.find(ref.repo, ref.quant)
     if existing is not None:
@@ -86,11 +90,16 @@ def _path(spec: str) -> Path:
 
 
 def _kind(path: Path) -> str | None:
-    """'file', 'dir' or None (missing, or a name the file system refuses: too long, bad bytes)."""
+    """'file', 'dir', 'other' (a device, a socket...) or None (missing, or a name the file system refuses)."""
     try:
-        return "file" if path.is_file() else "dir" if path.is_dir() else None
+        return "file" if path.is_file() else "dir" if path.is_dir() else "other" if path.exists() else None
     except (OSError, ValueError):
         return None
+
+
+def _not_special(spec: str, kind: str | None) -> None:
+    if kind == "other":
+        raise YiLocalError(f"{spec} is neither a file nor a folder", hint="give a .gguf file, a model folder or a model name")
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -167,6 +176,7 @@ def locate_gguf(spec: str) -> Path:
     """The GGUF MODEL names when it exists already: a .gguf path, or a model in the store. Never writes."""
     path = _path(spec)
     kind = _kind(path)
+    _not_special(spec, kind)
     if path.suffix.lower() == ".gguf" or kind == "file":
         return path
     if kind == "dir":
@@ -191,6 +201,7 @@ def resolve_gguf(spec: str, *, pull_missing: bool = False, confirm: Callable[[st
     """The GGUF file MODEL names, converting or pulling it into the store when needed (and allowed)."""
     path = _path(spec)
     kind = _kind(path)
+    _not_special(spec, kind)
     if path.suffix.lower() == ".gguf" or kind == "file":
         return path
     if kind == "dir":

@@ -20,7 +20,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-source", action="store_true",
                    help="keep the downloaded Hugging Face weights (default: removed after a verified conversion, "
                    "once no other command uses them)")
-    p.add_argument("--threads", type=int, default=None, help="threads for conversion and quantization")
+    p.add_argument("--threads", type=_threads, default=None, help="threads for conversion and quantization")
+
+
+def _threads(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"expected a number of threads from 1 to 1024, not {value[:40]!r}")
+    return n
 
 
 def run(args: argparse.Namespace) -> int:
