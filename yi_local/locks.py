@@ -31,12 +31,12 @@ class Lock:
         os.pwrite(fd, f"{os.getpid()} {self.doing}".encode(), 0)
 
     def holder(self) -> str:
-        """Who holds the lock, as its holder described itself: 'pid 123, yi-local chat'."""
+        """Who holds the lock, as its holder described itself: 'pid 123: yi-local chat'."""
         try:
             pid, _, doing = self.path.read_bytes().decode("utf-8", "replace").partition(" ")
         except OSError:
             pid, doing = "", ""
-        return f"pid {pid}, {doing}" if pid.isdigit() and doing else "another process"
+        return f"pid {pid}: {doing}" if pid.isdigit() and doing else "another process"
 
     def try_acquire(self) -> bool:
         try:

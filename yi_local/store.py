@@ -98,12 +98,17 @@ class _Bad(Exception):
     pass
 
 
-def _expect(value, kind, what: str, optional: bool = False):
+_KINDS = {dict: "an object", str: "text", int: "a whole number", bool: "true or false"}
+
+
+def _expect(value, kind: type, what: str, optional: bool = False):
+    """`value` if it is a `kind` (None too when `optional`; `...` is missing); else _Bad saying what is wrong."""
     if value is None and optional:
         return None
+    if value is ...:
+        raise _Bad(f"a manifest without {what}")
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise _Bad(f"{what} (a {type(value).__name__}, not a {names})")
+        raise _Bad(f"a manifest whose {what} is {json.dumps(value)[:60]}, not {_KINDS[kind]}")
     return value
 
 
@@ -139,14 +144,14 @@ def _models_in(folder: Path, manifest) -> list[StoredModel]:
     """The models a manifest lists, each checked; problems are warned about and skip what they concern."""
     where = folder / MANIFEST
     try:
-        _expect(manifest, dict, "a manifest that is not a JSON object")
-        repo = _expect(manifest.get("repo"), str, "a manifest whose 'repo'")
+        _expect(manifest, dict, "content")
+        repo = _expect(manifest.get("repo", ...), str, "'repo'")
         if slug(repo) != folder.name:
             raise _Bad(f"a manifest for {repo[:200]!r} outside that model's folder ({slug(repo)[:200]})")
-        files = _expect(manifest.get("files"), dict, "a manifest whose 'files'")
-        context = _expect(manifest.get("context"), int, "a manifest whose 'context'")
-        chat = _expect(manifest.get("chat", False), bool, "a manifest whose 'chat'")
-        revision = _expect(manifest.get("revision"), str, "a manifest whose 'revision'", optional=True)
+        files = _expect(manifest.get("files", ...), dict, "'files'")
+        context = _expect(manifest.get("context", ...), int, "'context'")
+        chat = _expect(manifest.get("chat", False), bool, "'chat'")
+        revision = _expect(manifest.get("revision"), str, "'revision'", optional=True)
         if context < 0:
             raise _Bad(f"a manifest whose 'context' is negative ({context})")
     except _Bad as e:
@@ -155,10 +160,11 @@ def _models_in(folder: Path, manifest) -> list[StoredModel]:
     found = []
     for quant, info in sorted(files.items()):
         try:
-            _expect(info, dict, f"the entry {quant[:40]!r}")
-            name = _expect(info.get("file"), str, f"the entry {quant[:40]!r} whose 'file'")
-            sha256 = _expect(info.get("sha256", ""), str, f"the entry {quant[:40]!r} whose 'sha256'")
-            options = _expect(info.get("options", {}), dict, f"the entry {quant[:40]!r} whose 'options'")
+            key = f"files.{quant[:40]}"
+            _expect(info, dict, key)
+            name = _expect(info.get("file", ...), str, f"{key}.file")
+            sha256 = _expect(info.get("sha256", ""), str, f"{key}.sha256")
+            options = _expect(info.get("options", {}), dict, f"{key}.options")
             path = _inside(folder, name)
             if not path.is_file():
                 continue  # recorded, then deleted by hand: not there
@@ -175,15 +181,16 @@ def _models_in(folder: Path, manifest) -> list[StoredModel]:
 def _folders() -> list[Path]:
     root = models_dir()
     try:
-        if not root.exists():
-            return []
-        if not root.is_dir():
-            raise YiLocalError(f"the model store {root} is a file, not a folder",
-                               hint=f"move that file away, or set {HOME_ENV} to another folder")  # fmt: skip
-        return sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+        entries = sorted(root.iterdir())
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        raise YiLocalError(f"the model store {root} is a file, not a folder",
+                           hint=f"move that file away, or set {HOME_ENV} to another folder") from None  # fmt: skip
     except OSError as e:
         raise YiLocalError(f"cannot read the model store {root} ({e.strerror or e})",
                            hint=f"check its permissions, or set {HOME_ENV} to another folder") from None  # fmt: skip
+    return [p for p in entries if p.is_dir() and not p.is_symlink()]
 
 
 def list_models() -> list[StoredModel]:
