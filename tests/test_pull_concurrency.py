@@ -121,3 +121,16 @@ def test_a_killed_pull_leaves_no_lock_and_no_stray_gguf(hub):
     assert code == 0, err
     assert "waiting for" not in err and time.monotonic() - start < 60
     assert ggufs_on_disk() == {m.path for m in store.list_models()} and not stray.exists()
+
+
+def test_a_pull_into_a_folder_with_a_damaged_manifest_changes_nothing(hub):
+    """Replacing a manifest that cannot be read would orphan the models it lists: the pull stops first."""
+    folder = store.model_folder(REPO_ID)
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text('{"repo": "01-ai/Yi-Tiny-Chat", "files": {"Q8_0": ')
+    (folder / "Yi-Tiny-Chat-Q8_0.gguf").write_bytes(b"GGUF the user's model")
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    code, out, err = Pull(hub, f"{REPO_ID}:q4_0").finish()
+    assert code == 1 and "Traceback" not in err
+    assert f"the store's manifest {folder / 'manifest.json'} is damaged" in err and "delete it" in err
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before and gets(hub, SHARD) == 0

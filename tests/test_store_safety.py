@@ -178,3 +178,17 @@ def test_concurrent_manifest_updates_lose_nothing(chat_gguf, tmp_path):
     barrier.touch()
     assert [p.wait(timeout=60) for p in procs] == [0] * len(quants)
     assert sorted(m.quant for m in store.list_models()) == sorted(quants)
+
+
+def test_a_model_folder_that_is_a_symlink_is_not_used(chat_gguf, tmp_path):
+    """The store deletes only inside itself: a model folder linked in from elsewhere is warned about."""
+    elsewhere = tmp_path / "elsewhere"
+    model = add_model(chat_gguf)
+    shutil.move(model.path.parent, elsewhere)
+    model.path.parent.symlink_to(elsewhere)
+    listing = run_cli("list")
+    assert listing.returncode == 0 and "no models" in listing.stdout
+    assert f"a model folder that is a symlink to {elsewhere}" in listing.stderr
+    removed = run_cli("rm", REPO_ID, "--yes")
+    assert removed.returncode == 1 and "not in the store" in removed.stderr
+    assert (elsewhere / model.path.name).read_bytes() == chat_gguf.read_bytes()

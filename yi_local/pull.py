@@ -66,6 +66,7 @@ def pull(spec: str | ModelRef, keep_source: bool = False, progress: Progress | N
         try:
             model = store.find(ref.repo, ref.quant)  # made meanwhile by the command we waited for?
             if model is None:
+                store.check_folder(ref.repo)  # before a download that could not be stored
                 download = hub.download(ref.repo)
                 if keep_source:
                     hub.keep_download(download.path)

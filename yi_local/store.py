@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -86,9 +87,9 @@ def _manifest_lock(folder: Path) -> Lock:
 _warned: set[str] = set()
 
 
-def _warn(manifest: Path, problem: str) -> None:
+def _warn(manifest: Path, problem: str, fix: str = "fix or delete that file") -> None:
     """Say once per process (one command) that part of a manifest is ignored, and why."""
-    message = f"warning: ignoring {problem} in {manifest}: fix or delete that file"
+    message = f"warning: ignoring {problem} in {manifest}: {fix}"
     if message not in _warned:
         _warned.add(message)
         logger.warning(message)
@@ -190,7 +191,14 @@ def _folders() -> list[Path]:
     except OSError as e:
         raise YiLocalError(f"cannot read the model store {root} ({e.strerror or e})",
                            hint=f"check its permissions, or set {HOME_ENV} to another folder") from None  # fmt: skip
-    return [p for p in entries if p.is_dir() and not p.is_symlink()]
+    folders = []
+    for p in entries:
+        if p.is_symlink() and (p / MANIFEST).exists():
+            _warn(p / MANIFEST, f"a model folder that is a symlink to {os.path.realpath(p)}",
+                  "move the folder itself into the store, which deletes nothing outside itself")  # fmt: skip
+        elif p.is_dir() and not p.is_symlink():
+            folders.append(p)
+    return folders
 
 
 def list_models() -> list[StoredModel]:
@@ -213,15 +221,13 @@ def model_folder(repo: str) -> Path:
     return models_dir() / slug(repo)
 
 
-def _recorded_files(folder: Path) -> set[str] | None:
-    """The file names a folder's manifest names, checked or not; None when it cannot be read at all."""
-    if not (folder / MANIFEST).exists():
-        return set()
+def _own_manifest(folder: Path) -> dict | None:
+    """The folder's manifest when it is one this store can update: an object with this folder's repo and files."""
     manifest = _read_manifest(folder)
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict):
-        return None
-    return {info["file"] for info in files.values() if isinstance(info, dict) and isinstance(info.get("file"), str)}
+    if isinstance(manifest, dict) and isinstance(manifest.get("repo"), str) and slug(manifest["repo"]) == folder.name \
+            and isinstance(manifest.get("files"), dict):  # fmt: skip
+        return manifest
+    return None
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -230,11 +236,8 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
 
 
 def _writable_manifest(folder: Path, repo: str) -> dict:
-    """The manifest to update: the current one when it is this repo's, else a fresh one."""
-    manifest = _read_manifest(folder)
-    if isinstance(manifest, dict) and manifest.get("repo") == repo and isinstance(manifest.get("files"), dict):
-        return manifest
-    return {"repo": repo, "files": {}}
+    """The manifest to update: the current one (`prepare_folder` refused a damaged one), or a new one."""
+    return _own_manifest(folder) or {"repo": repo, "files": {}}
 
 
 def record(repo: str, name: str | None, quant: str, gguf: Path, *, revision: str | None, context: int,
@@ -279,16 +282,30 @@ def remove(model: StoredModel) -> None:
             lock.release()
 
 
+def check_folder(repo: str) -> dict | None:
+    """The manifest of `repo`'s folder (None when there is none yet); a YiLocalError when it is damaged:
+    adding a model would replace it and orphan the models it lists. Writes nothing."""
+    folder = model_folder(repo)
+    manifest = _own_manifest(folder)
+    if manifest is None and (folder / MANIFEST).exists():
+        raise YiLocalError(f"the store's manifest {folder / MANIFEST} is damaged, so {repo} cannot be added to it",
+                           hint="fix that file, or delete it (the models it lists are then forgotten), "
+                           "and pull again")  # fmt: skip
+    return manifest
+
+
 def prepare_folder(repo: str) -> Path:
     """The model's folder, created, without GGUFs a pull left unrecorded when it died before recording them.
 
     Call it holding `repo_lock(repo)`: then no other pull is writing there. A manifest that cannot be
-    read leaves the folder as it is (its files may be a user's models).
+    updated is a YiLocalError, before any conversion: replacing it would orphan the models it lists.
     """
     folder = ensure_dir(model_folder(repo))
     with _manifest_lock(folder):
-        recorded = _recorded_files(folder)
-        for leftover in folder.glob("*.gguf") if recorded is not None else ():
+        manifest = check_folder(repo)
+        files = manifest["files"] if manifest else {}
+        recorded = {i["file"] for i in files.values() if isinstance(i, dict) and isinstance(i.get("file"), str)}
+        for leftover in folder.glob("*.gguf"):
             if leftover.name not in recorded and leftover.is_file() and not leftover.is_symlink():
                 leftover.unlink(missing_ok=True)
     return folder
