@@ -157,3 +157,14 @@ def test_rm_prompt_answered_yes_removes(chat_gguf):
     model = add_model(chat_gguf)
     code, out, _ = answer_prompt(["rm", REPO_ID], "y\n")
     assert code == 0 and "removed 01-ai/Yi-Tiny-Chat:q8_0" in out and not model.path.exists()
+
+
+def test_a_local_folder_with_a_long_name_converts_into_the_store(chat_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / ("Yi-" + "x" * 240)  # 243 bytes: a file system's limit is 255, temp names are longer
+    shutil.copytree(chat_dir, folder)
+    proc = run_cli("run", str(folder), "hi", "--max-tokens", "1", "--ctx", "256")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    [model] = store.list_models()
+    assert model.repo == f"local/{folder.name}" and len(model.path.parent.name) <= 200

@@ -37,7 +37,7 @@ def _locked(repo: str, doing: str):
 def _convert_into_store(src: Path, repo: str, name: str | None, quant: str, revision: str | None,
                         progress: Progress | None, threads: int | None, extra: dict | None = None) -> store.StoredModel:  # fmt: skip
     """Convert `src` into the store and record it. The caller holds `store.repo_lock(repo)`."""
-    model_name = repo.rsplit("/", 1)[-1]
+    model_name = repo.rsplit("/", 1)[-1][:120]  # a local folder's name may be long: room for temp names
     params = read_model_params(src)
     dest = store.prepare_folder(repo) / f"{model_name}-{quant}.gguf"
     result = convert(src, out=dest, quants=[quant], threads=threads, force=True, progress=progress, model_name=model_name)

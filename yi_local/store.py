@@ -36,8 +36,11 @@ def models_dir() -> Path:
 
 
 def slug(repo: str) -> str:
-    """A folder name for a repo id: 01-ai/Yi-6B-Chat -> 01-ai--Yi-6B-Chat."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", repo.replace("/", "--"))
+    """A folder name for a repo id: 01-ai/Yi-6B-Chat -> 01-ai--Yi-6B-Chat (a long one cut, with a hash)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", repo.replace("/", "--"))
+    if len(name) > 200:  # a local folder's name: room for the lock files' prefixes within 255 bytes
+        name = f"{name[:180]}-{hashlib.sha256(repo.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
+    return name
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
