@@ -269,11 +269,15 @@ def remove(model: StoredModel) -> None:
         if entry is None:
             return  # removed meanwhile by another command
         del manifest["files"][model.quant]
-        if manifest["files"]:
-            _write_manifest(folder, manifest)
-        else:
-            (folder / MANIFEST).unlink(missing_ok=True)
-        entry.path.unlink(missing_ok=True)
+        try:
+            entry.path.unlink(missing_ok=True)  # first: a file that cannot be deleted stays listed
+            if manifest["files"]:
+                _write_manifest(folder, manifest)
+            else:
+                (folder / MANIFEST).unlink(missing_ok=True)
+        except OSError as e:
+            raise YiLocalError(f"could not remove {model.full_name} from {folder} ({e.strerror or e})",
+                               hint="check that the store is writable, then run `yi-local rm` again") from None  # fmt: skip
     # The folder goes with its last model, unless a pull of that model is at work in it.
     lock = repo_lock(model.repo, "yi-local rm")
     if lock.try_acquire():
