@@ -264,10 +264,15 @@ def test_a_second_chat_on_a_session_is_refused_before_loading_the_model(chat_ggu
     lock_session("work").release()  # the killed chat held it no longer
 
 
-BAD_NAMES = ["../../x", "..", "a/b", "", "-rf", "x" * 65, os.fsdecode(b"\xff"), "work\n"]
+def test_session_names():
+    for name in ("../../x", "..", "a/b", "", "-rf", "x" * 65, os.fsdecode(b"\xff"), "work\n", ".hidden", "a b"):
+        with pytest.raises(YiLocalError, match="is not a session name"):
+            lock_session(name)
+    for name in ("work", "Trip-2.v1_x", "x" * 64):
+        lock_session(name).release()
 
 
-@pytest.mark.parametrize("name", BAD_NAMES, ids=["dotdot", "parent", "slash", "empty", "dash", "long", "bytes", "nl"])
+@pytest.mark.parametrize("name", ["../../x", os.fsdecode(b"\xff"), "work\n"], ids=["dotdot", "bytes", "newline"])
 def test_a_bad_session_name_is_refused_before_the_model_loads(chat_gguf, name):
     proc = run_cli("chat", str(chat_gguf), f"--session={name}", timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stdout == ""

@@ -45,38 +45,27 @@ def good(file: str = "m-Q4_K_M.gguf", **changes) -> dict:
 
 
 # -- paths out of the folder --------------------------------------------------------------------
-@pytest.fixture
-def victim(tmp_path):
-    """A file outside the store, where a hostile manifest points."""
-    path = store.models_dir().parent.parent / f"victim-{tmp_path.name}.gguf"
-    path.write_bytes(b"precious")
-    yield path
-    path.unlink(missing_ok=True)
-
-
-def escapes(victim) -> dict[str, tuple[dict, dict]]:
-    """name -> (manifest, extra files in the folder): each names the victim some way."""
-    return {
-        "dotdot": (good(f"../../../{victim.name}"), {}),
-        "absolute": (good(str(victim)), {}),
-        "subfolder": (good(f"sub/../../../../{victim.name}"), {}),
-        "symlink": (good("link.gguf"), {}),
-    }
-
-
-@pytest.mark.parametrize("how", ["dotdot", "absolute", "subfolder", "symlink"])
-def test_rm_never_deletes_outside_the_store(victim, how):
-    manifest, files = escapes(victim)[how]
-    path = write_manifest("evil--model", manifest, files)
-    if how == "symlink":
-        (path.parent / "link.gguf").symlink_to(victim)
+def test_rm_never_deletes_outside_the_store(chat_gguf, tmp_path):
+    """One manifest, one real model and four entries naming a file outside the store, each some other way."""
+    victim = tmp_path / "victim.gguf"
+    victim.write_bytes(b"precious")
+    folder = store.model_folder("evil/model")
+    up = os.path.relpath(tmp_path, folder)  # ../../.. up to the victim's folder
+    escapes = {"Q4_0": f"{up}/victim.gguf", "Q5_0": str(victim), "Q6_K": f"sub/../{up}/victim.gguf", "Q8_0": "link.gguf"}
+    manifest = good("m-Q4_K_M.gguf")
+    manifest["files"].update({quant: {"file": name} for quant, name in escapes.items()})
+    path = write_manifest("evil--model", manifest)
+    shutil.copy(chat_gguf, folder / "m-Q4_K_M.gguf")
+    (folder / "link.gguf").symlink_to(victim)
     listing = run_cli("list")
     assert listing.returncode == 0 and "Traceback" not in listing.stderr
-    assert str(victim) not in listing.stdout and "evil/model" not in listing.stdout
-    assert "warning: ignoring the file" in listing.stderr and str(path) in listing.stderr
-    removed = run_cli("rm", "evil/model", "--yes")
-    assert removed.returncode == 1 and "Traceback" not in removed.stderr
-    assert "evil/model is not in the store" in removed.stderr
+    assert str(victim) not in listing.stdout and listing.stdout.count("evil/model") == 1
+    for name in escapes.values():
+        assert f"warning: ignoring the file {name!r}" in listing.stderr, listing.stderr
+    assert listing.stderr.count(str(path)) == len(escapes)
+    removed = run_cli("rm", "evil/model", "--yes")  # every quantization of evil/model
+    assert removed.returncode == 0 and "Traceback" not in removed.stderr
+    assert "removed evil/model:q4_k_m," in removed.stdout and not (folder / "m-Q4_K_M.gguf").exists()
     assert victim.read_bytes() == b"precious"
 
 
@@ -141,11 +130,10 @@ def test_store_commands_warn_once_and_never_trace_back(chat_gguf):
     """Every malformed manifest at once: each store command works, naming each bad manifest once."""
     model = add_model(chat_gguf)
     paths = [write_manifest(f"evil-{i}", manifest) for i, manifest in enumerate(MALFORMED.values())]
-    for args in (["list"], ["show", str(chat_gguf)], ["show", f"{REPO_ID}:q8_0"], ["rm", "evil/model", "--yes"],
-                 ["run", "evil/model", "hi"]):  # fmt: skip
+    for args in (["list"], ["show", f"{REPO_ID}:q8_0"], ["rm", "evil/model", "--yes"]):  # show looks twice
         proc = run_cli(*args)
         assert "Traceback" not in proc.stderr, (args, proc.stderr)
-        assert proc.returncode == (1 if args[0] in ("rm", "run") else 0), (args, proc.stderr)
+        assert proc.returncode == (1 if args[0] == "rm" else 0), (args, proc.stderr)
         for path in paths:
             assert proc.stderr.count(f"{path}:") == 1, (args, path, proc.stderr)
     assert str(model.path) in run_cli("list").stdout
@@ -159,36 +147,26 @@ from yi_local import store
 quant, gguf, barrier = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 dest = store.model_folder("01-ai/Yi-Tiny-Chat") / f"Yi-Tiny-Chat-{quant}.gguf"
 shutil.copy(gguf, dest)
+barrier.with_name(quant).touch()
 while not barrier.exists():
-    time.sleep(0.005)
+    time.sleep(0.002)
 store.record("01-ai/Yi-Tiny-Chat", None, quant, dest, revision=None, context=4096, chat=True, options={})
 """
 
 
 def test_concurrent_manifest_updates_lose_nothing(chat_gguf, tmp_path):
-    """Six processes record six quantizations at the same moment: all six are in the manifest."""
+    """Five processes record five quantizations at the same moment: all five are in the manifest."""
     store.model_folder(REPO_ID).mkdir(parents=True)
     big = tmp_path / "big.gguf"  # a few MB, so each record takes a while to hash
     big.write_bytes(chat_gguf.read_bytes() * max(1, (8 << 20) // chat_gguf.stat().st_size))
     barrier = tmp_path / "go"
-    quants = ["Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q8_0"]
+    quants = ["Q2_K", "Q4_0", "Q4_K_M", "Q5_K_M", "Q8_0"]
     procs = [subprocess.Popen([sys.executable, "-c", RECORD, q, str(big), str(barrier)], cwd=REPO, env=os.environ)
              for q in quants]  # fmt: skip
-    time.sleep(1.5)  # all started and waiting at the barrier
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / q).exists() for q in quants):  # all at the barrier
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
     barrier.touch()
     assert [p.wait(timeout=60) for p in procs] == [0] * len(quants)
     assert sorted(m.quant for m in store.list_models()) == sorted(quants)
-
-
-def test_a_model_folder_that_is_a_symlink_is_not_used(chat_gguf, tmp_path):
-    """The store deletes only inside itself: a model folder linked in from elsewhere is warned about."""
-    elsewhere = tmp_path / "elsewhere"
-    model = add_model(chat_gguf)
-    shutil.move(model.path.parent, elsewhere)
-    model.path.parent.symlink_to(elsewhere)
-    listing = run_cli("list")
-    assert listing.returncode == 0 and "no models" in listing.stdout
-    assert f"a model folder that is a symlink to {elsewhere}" in listing.stderr
-    removed = run_cli("rm", REPO_ID, "--yes")
-    assert removed.returncode == 1 and "not in the store" in removed.stderr
-    assert (elsewhere / model.path.name).read_bytes() == chat_gguf.read_bytes()
