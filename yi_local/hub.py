@@ -15,13 +15,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from yi_local.errors import YiLocalError
-from yi_local.paths import ensure_dir, home, locks_dir
+from yi_local.locks import Users
+from yi_local.paths import ensure_dir, home
 from yi_local.store import slug
 
 CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
@@ -103,22 +102,13 @@ def remove_download(path: Path) -> int:
     return size
 
 
-def _users(repo: str):
-    from filelock import ReadWriteLock
-
-    return ReadWriteLock(locks_dir() / f"download-{slug(repo)}.db")
+def _users(repo: str) -> Users:
+    return Users(f"download-{slug(repo)}")
 
 
-@contextmanager
-def using_download(repo: str) -> Iterator[None]:
-    """While inside, this process needs `repo`'s download: `release_download` leaves it in place."""
-    lock = _users(repo)
-    with _lock_errors(lock.lock_file):
-        lock.acquire_read()
-    try:
-        yield
-    finally:
-        lock.release()
+def using_download(repo: str):
+    """A context: while inside, this process needs `repo`'s download, and `release_download` leaves it."""
+    return _users(repo).using()
 
 
 def keep_download(path: Path) -> None:
@@ -129,39 +119,11 @@ def keep_download(path: Path) -> None:
 
 def release_download(repo: str) -> int:
     """Delete `repo`'s download unless a command is using it or one asked to keep it; the bytes freed."""
-    from filelock import Timeout
-
     path = download_path(repo)
-    lock = _users(repo)
-    try:
-        with _lock_errors(lock.lock_file):
-            lock.acquire_write(blocking=False)
-    except Timeout:
-        return 0  # another command needs it: the last one to finish removes it
-    try:
-        if not path.is_dir() or (path / KEEP_MARKER).exists():
-            return 0
+    with _users(repo).alone() as alone:
+        if not alone or not path.is_dir() or (path / KEEP_MARKER).exists():
+            return 0  # the last command to finish with it removes it
         return remove_download(path)
-    finally:
-        lock.release()
-
-
-class _lock_errors:
-    def __init__(self, path):
-        self.path = path
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        import sqlite3
-
-        from filelock import Timeout
-
-        if isinstance(exc, (OSError, sqlite3.Error)) and not isinstance(exc, Timeout):
-            raise YiLocalError(f"cannot use the lock file {self.path} ({exc})",
-                               hint="check that its folder is writable and the disk not full") from None  # fmt: skip
-        return False
 
 
 class _hub_errors:

@@ -1,14 +1,17 @@
-"""Locks between yi-local processes (filelock) that say who holds them.
+"""Locks between yi-local processes, from filelock: `Lock` (one holder, who says who it is) and `Users`
+(many users of one thing, and a way to act only when there are none).
 
 The OS releases a lock with the process that held it, so a crashed or killed run never leaves one
-held. The holder writes its pid and what it is doing into the lock file, so a second process can say
-whom it is waiting for (the pid only informs: liveness is the OS lock's business, and pids are reused).
+held. A `Lock` holder writes its pid and what it is doing into the lock file, so a second process can
+say whom it is waiting for (the pid only informs: liveness is the OS lock's business, pids are reused).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 from filelock import FileLock, Timeout
 
@@ -71,8 +74,43 @@ class Lock:
         self.release()
 
 
+class Users:
+    """Processes that use one thing at once (a download), and a way to act only when none does."""
+
+    def __init__(self, name: str):
+        from filelock import ReadWriteLock  # SQLite's locks, which the OS also releases with the process
+
+        self.path = locks_dir() / f"{name}.db"
+        with _lock_errors(self.path):
+            self._lock = ReadWriteLock(self.path)
+
+    @contextmanager
+    def using(self) -> Iterator[None]:
+        """While inside, this process is a user: `alone()` elsewhere yields False."""
+        with _lock_errors(self.path):
+            self._lock.acquire_read()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    @contextmanager
+    def alone(self) -> Iterator[bool]:
+        """True when no process is a user; new users wait until the block ends. Never waits itself."""
+        try:
+            with _lock_errors(self.path):
+                self._lock.acquire_write(blocking=False)
+        except Timeout:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._lock.release()
+
+
 class _lock_errors:
-    """A lock file that cannot be created (read-only or full disk) is a YiLocalError naming it."""
+    """A lock file that cannot be created or used (read-only or full disk) is a YiLocalError naming it."""
 
     def __init__(self, path):
         self.path = path
@@ -81,7 +119,10 @@ class _lock_errors:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if isinstance(exc, OSError) and not isinstance(exc, Timeout):
-            raise YiLocalError(f"cannot create the lock file {self.path} ({exc.strerror or exc})",
+        import sqlite3
+
+        if isinstance(exc, (OSError, sqlite3.Error)) and not isinstance(exc, Timeout):
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise YiLocalError(f"cannot use the lock file {self.path} ({reason})",
                                hint="check that its folder is writable and the disk not full") from None  # fmt: skip
         return False
