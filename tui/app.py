@@ -2,7 +2,9 @@
 
 The model loads in a worker thread while the screen is already live; each reply is generated in a
 worker thread and its events reach the UI through `call_from_thread`. Esc sets the reply's cancel
-event: the runtime ends it at the next token and the text written so far stays.
+event: the runtime ends it at the next token and the text written so far stays. A named session is
+saved after every reply and held (a lock) while the app has it open; a save that fails is reported in
+the app and the conversation stays on screen.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from textual.widgets import Footer, ProgressBar, Static
 
 from tui.commands import COMMANDS, matches, parse
 from tui.screens.help import HelpScreen
-from tui.session import Session, list_sessions, load_session, save_session
+from tui.session import LIMITS, Session, check_setting, list_sessions, load_session, lock_session, save_session
 from tui.widgets.messages import ChatLog, NoticeMessage, ReplyMessage, UserMessage
 from tui.widgets.prompt import PromptInput
 from tui.widgets.status import StatusBar
 from yi_local.errors import YiLocalError
+from yi_local.locks import Lock
 from yi_local.runtime import Finish, SamplingParams, TextDelta
 from yi_local.runtime.backend import Backend, ContextOverflowError
 
@@ -42,11 +45,13 @@ class ChatApp(App[None]):
     ]
 
     def __init__(self, loader: Loader, session: Session | None = None, session_name: str | None = None,
-                 base_params: SamplingParams | None = None) -> None:  # fmt: skip
+                 base_params: SamplingParams | None = None, session_lock: Lock | None = None) -> None:  # fmt: skip
+        """`session_lock`: the lock on `session_name` when the caller took it; else the app takes it."""
         super().__init__()
         self.loader = loader
         self.session = session or Session()
         self.session_name = session_name  # autosaved after every reply when set
+        self.session_lock = session_lock or (lock_session(session_name) if session_name else None)
         self.base_params = base_params or SamplingParams()
         self.backend: Backend | None = None
         self.load_error: YiLocalError | None = None
@@ -234,28 +239,27 @@ class ChatApp(App[None]):
         except YiLocalError as e:
             self.notify(str(e), severity="error")
 
-    def _set_number(self, field: str, arg: str, kind: type, low: float, high: float) -> None:
+    def _set_number(self, field: str, arg: str) -> None:
         settings = self.session.settings
         if not arg:
             self.notify(f"{field} is {getattr(settings, field)}")
             return
+        kind, low, high = LIMITS[field]
         try:
-            value = kind(arg)
+            value = check_setting(field, kind(arg))
         except ValueError:
-            raise YiLocalError(f"/{field} needs a number, not {arg!r}") from None
-        if not low <= value <= high:
-            raise YiLocalError(f"/{field} must be between {low} and {high}")
+            raise YiLocalError(f"/{field} needs a number between {low} and {high}, not {arg[:40]!r}") from None
         setattr(settings, field, value)
         self.notify(f"{field} set to {value}")
 
     def cmd_temperature(self, arg: str) -> None:
-        self._set_number("temperature", arg, float, 0.0, 2.0)
+        self._set_number("temperature", arg)
 
     def cmd_top_p(self, arg: str) -> None:
-        self._set_number("top_p", arg, float, 0.01, 1.0)
+        self._set_number("top_p", arg)
 
     def cmd_max_tokens(self, arg: str) -> None:
-        self._set_number("max_tokens", arg, int, 1, 1 << 20)
+        self._set_number("max_tokens", arg)
 
     def cmd_system(self, arg: str) -> None:
         if not arg:
@@ -279,8 +283,10 @@ class ChatApp(App[None]):
         try:
             n = int(arg) if arg else 1
         except ValueError:
-            raise YiLocalError(f"/drop needs a number of turns, not {arg!r}") from None
-        dropped = sum(self.session.drop_oldest_turn() for _ in range(max(0, n)))
+            n = 0
+        if n < 1:
+            raise YiLocalError(f"/drop needs a number of turns (1 or more), not {arg[:40]!r}")
+        dropped = self.session.drop_oldest_turns(n)
         self._redraw()
         self.notify(f"Forgot the {dropped} oldest turn{'s' if dropped != 1 else ''}." if dropped else "Nothing to drop.")
 
@@ -300,21 +306,51 @@ class ChatApp(App[None]):
     def cmd_save(self, arg: str) -> None:
         if not arg:
             raise YiLocalError("/save needs a name", hint="e.g. /save trip-plans")
-        self._save(arg)
-        self.session_name = arg
+        lock = self._hold(arg)
+        if self._save(arg):
+            self._switch_session(arg, lock)
+        elif lock is not self.session_lock:
+            lock.release()
 
-    def _save(self, name: str, quiet: bool = False) -> None:
-        path = save_session(name, self.session)
+    def _save(self, name: str, quiet: bool = False) -> bool:
+        """Save the conversation as `name`; on failure say why in the app (the conversation stays here)."""
+        try:
+            path = save_session(name, self.session)
+        except (OSError, YiLocalError) as e:
+            reason = e.message if isinstance(e, YiLocalError) else f"{e.strerror or e}"
+            self.notify(f"{reason}\nThe conversation is kept here: free some space, or /save it under another "
+                        "name once that can work.", title=f"Could not save the session {name}",
+                        severity="error", timeout=30)  # fmt: skip
+            return False
         if not quiet:
             self.notify(f"Saved as {name} ({path})")
+        return True
+
+    def _hold(self, name: str) -> Lock:
+        """The lock on session `name`: the one held already, or a new one (refused when another chat has it)."""
+        if name == self.session_name and self.session_lock is not None:
+            return self.session_lock
+        return lock_session(name)
+
+    def _switch_session(self, name: str, lock: Lock) -> None:
+        if self.session_lock is not None and self.session_lock is not lock:
+            self.session_lock.release()
+        self.session_name, self.session_lock = name, lock
 
     def cmd_load(self, arg: str) -> None:
         if self.generating:
             raise YiLocalError("a reply is being written: press Esc first")
         if not arg:
             raise YiLocalError("/load needs a name", hint="/sessions lists them")
-        self.session = load_session(arg)
-        self.session_name = arg
+        lock = self._hold(arg)
+        try:
+            session = load_session(arg)
+        except YiLocalError:
+            if lock is not self.session_lock:
+                lock.release()
+            raise
+        self.session = session
+        self._switch_session(arg, lock)
         self._redraw()
         if self.backend is not None:
             self.backend.reset()
@@ -338,3 +374,5 @@ class ChatApp(App[None]):
     def on_unmount(self) -> None:
         if self.cancel is not None:
             self.cancel.set()
+        if self.session_lock is not None:
+            self.session_lock.release()

@@ -86,7 +86,8 @@ def _entries() -> list[CatalogEntry]:
 CATALOG: dict[str, CatalogEntry] = {e.name: e for e in _entries()}
 BY_REPO: dict[str, CatalogEntry] = {e.repo.lower(): e for e in CATALOG.values()}
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The hub's rule: an owner and a name of letters, digits, '-', '_' and '.', at most 96 characters each.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -107,19 +108,27 @@ class ModelRef:
         return f"{self.display}:{self.quant.lower()}"
 
 
+def _shown(spec: str, limit: int = 80) -> str:
+    return repr(spec if len(spec) <= limit else spec[:limit] + "…")
+
+
 def parse_name(spec: str) -> ModelRef:
     """`yi:6b-chat`, `yi:6b-chat:q5_k_m`, `01-ai/Yi-6B-Chat`, `org/model:Q8_0` → a ModelRef."""
     base, quant, explicit = spec, DEFAULT_QUANT, False
     head, sep, tail = spec.rpartition(":")
     if sep and tail.upper() in QUANT_TYPES:
         base, quant, explicit = head, parse_quant(tail).name, True
+    elif sep and (head.lower() in CATALOG or _REPO_ID.fullmatch(head)):
+        raise YiLocalError(f"{_shown(tail)} is not a quantization the store keeps (in {_shown(spec)})",
+                           hint=f"use one of {', '.join(QUANT_TYPES)} (e.g. {head}:{DEFAULT_QUANT.lower()})")  # fmt: skip
     entry = CATALOG.get(base.lower())
     if entry is not None:
         return ModelRef(entry.repo, quant, entry, explicit)
-    if _REPO_ID.match(base):
-        return ModelRef(base, quant, BY_REPO.get(base.lower()), explicit)
+    if _REPO_ID.fullmatch(base):
+        entry = BY_REPO.get(base.lower())
+        return ModelRef(entry.repo if entry else base, quant, entry, explicit)  # the catalog's spelling: one folder
     close = [n for n in CATALOG if n.split(":")[0] == base.split(":")[0]] or list(CATALOG)[:4]
     raise YiLocalError(
-        f"{spec!r} is not a known model name, a .gguf file, a model folder or a Hugging Face repo id",
+        f"{_shown(spec)} is not a known model name, a .gguf file, a model folder or a Hugging Face repo id",
         hint=f"try one of: {', '.join(close[:6])} (`yi-local doctor` lists them all), or org/name",
     )

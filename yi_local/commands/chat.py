@@ -2,7 +2,8 @@
 
 Enter sends, Ctrl+J makes a new line, Esc stops a reply (keeping what was written), Up/Down recall
 earlier prompts, F1 or /help shows keys and commands. Sessions are saved as JSON under
-$YI_LOCAL_HOME/sessions (default: the platform's user data folder).
+$YI_LOCAL_HOME/sessions (default: the platform's user data folder). A session is open in one chat at
+a time: a second `--session NAME` (or /save NAME, /load NAME) of it is refused, naming the process.
 
 Examples:
   yi-local chat Yi-6B-Chat-Q4_K_M.gguf
@@ -32,28 +33,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_args(p, max_tokens=1024)
 
 
-def build_app(args: argparse.Namespace, model: str, backend_name: str):
-    """The chat app for these arguments, loading `model` in the background once it starts."""
-    from tui.app import ChatApp
-    from tui.session import Session, Settings, list_sessions, load_session
-    from yi_local.runtime import load_backend
+def _session(args: argparse.Namespace, base):
+    """The session the chat starts with: `--session NAME`'s file when it exists (checked), else a new one."""
+    from tui.session import Session, Settings, load_session, session_exists
 
-    base = sampling_params(args)
-    if args.session and args.session in list_sessions():
+    if args.session is not None and session_exists(args.session):
         session = load_session(args.session)
     else:
         session = Session(settings=Settings(temperature=base.temperature, top_p=base.top_p, max_tokens=base.max_tokens))
     if args.system:
         session.system = args.system
+    return session
+
+
+def build_app(args: argparse.Namespace, model: str, backend_name: str, session=None, session_lock=None):
+    """The chat app for these arguments, loading `model` in the background once it starts.
+
+    `session` and `session_lock`: what `run` loaded and locked before the model; without them they are
+    made here (the app takes the lock on `--session NAME` itself).
+    """
+    from tui.app import ChatApp
+    from yi_local.runtime import load_backend
+
+    base = sampling_params(args)
+    session = session if session is not None else _session(args, base)
 
     def loader(progress):
         return load_backend(model, load_options(args, on_progress=progress), backend=backend_name)
 
-    return ChatApp(loader, session=session, session_name=args.session, base_params=base)
+    return ChatApp(loader, session=session, session_name=args.session, base_params=base, session_lock=session_lock)
 
 
 def run(args: argparse.Namespace) -> int:
-    sampling_params(args)  # bad flags fail before a pull or conversion
-    model, backend_name = resolve_model(args)  # a pull or conversion happens here, before the app starts
-    build_app(args, model, backend_name).run()
+    from tui.session import lock_session
+
+    base = sampling_params(args)  # bad flags fail before a pull or conversion
+    # The session is checked and held before anything slow happens: a bad name, a damaged file or a
+    # session open in another chat ends here, before the model is pulled or loaded.
+    lock = lock_session(args.session) if args.session is not None else None
+    try:
+        session = _session(args, base)
+        model, backend_name = resolve_model(args)  # a pull or conversion happens here, before the app starts
+        build_app(args, model, backend_name, session, lock).run()
+    finally:
+        if lock is not None:
+            lock.release()
     return 0

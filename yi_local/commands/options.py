@@ -67,15 +67,13 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str]:
 
     A missing model is pulled with --pull, or after asking on a terminal.
     """
-    import sys
-
     from yi_local.progress import TerminalProgress
     from yi_local.pull import resolve_gguf, resolve_hf_folder
 
     def confirm(question: str) -> bool:
-        if sys.stdin is None or not sys.stdin.isatty():
-            return False
-        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+        from yi_local.commands.confirm import confirm as ask
+
+        return ask(question)
 
     backend = choose_backend(args)
     if backend == "transformers":

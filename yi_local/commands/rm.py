@@ -6,7 +6,6 @@ NAME is a store name; without a quantization every stored quantization of that m
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,9 +15,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from yi_local.catalog import parse_name
+    from yi_local.commands.confirm import can_ask, confirm
     from yi_local.errors import YiLocalError
     from yi_local.store import list_models, remove
 
+    if args.name.startswith(("/", ".", "~")) or args.name.count("/") > 1 or args.name.lower().endswith(".gguf"):
+        raise YiLocalError(f"{args.name[:200]} is a path: rm removes models from the store, by name",
+                           hint="`yi-local list` shows the names; a file outside the store is yours to delete")  # fmt: skip
     ref = parse_name(args.name)
     targets = [m for m in list_models()
                if m.repo.lower() == ref.repo.lower() and (not ref.explicit_quant or m.quant == ref.quant)]  # fmt: skip
@@ -27,10 +30,9 @@ def run(args: argparse.Namespace) -> int:
     total = sum(m.size for m in targets)
     names = ", ".join(m.full_name for m in targets)
     if not args.yes:
-        if sys.stdin is None or not sys.stdin.isatty():
+        if not can_ask():
             raise YiLocalError(f"removing {names} needs confirmation", hint="pass --yes to remove without asking")
-        answer = input(f"remove {names} ({total / 1e9:.2f} GB)? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
+        if not confirm(f"remove {names} ({total / 1e9:.2f} GB)?"):
             print("kept")
             return 0
     for m in targets:

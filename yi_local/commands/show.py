@@ -1,6 +1,7 @@
 """Show a model's metadata: architecture, parameters, quantization, context, chat template, eos/eot, source.
 
-NAME is a store name (yi:6b-chat[:quant]) or a .gguf path.
+NAME is a store name (yi:6b-chat[:quant]) or a .gguf path. It only reads: a model missing from the
+store is not pulled, and a Hugging Face folder is not converted (the message says how to get them).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from yi_local.inspect import describe_gguf
-    from yi_local.pull import resolve_gguf
+    from yi_local.pull import locate_gguf
     from yi_local.runtime.llama_cpp_backend import check_gguf
     from yi_local.store import list_models
 
-    path = resolve_gguf(args.name)
+    path = locate_gguf(args.name)
     check_gguf(path)
     stored = next((m for m in list_models() if m.path == path), None)
     rows = describe_gguf(path)
