@@ -12,20 +12,29 @@ import sys
 from pathlib import Path
 
 
-def crashes(paths: list[Path], timeout: float = 300) -> list[str]:
-    """Load every file in a subprocess (started again after each crash); what made llama.cpp abort."""
-    found, todo = [], [str(p) for p in paths]
+def load_all(paths: list[Path], timeout: float = 300) -> dict[str, str]:
+    """Load every file in a subprocess, started again after a crash: path -> "OK", "REFUSED" or how it died."""
+    outcome: dict[str, str] = {}
+    todo = [str(p) for p in paths]
     while todo:
         proc = subprocess.run([sys.executable, __file__], input="\n".join(todo) + "\n", capture_output=True,
                               text=True, timeout=timeout)  # fmt: skip
-        loaded = [line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("LOAD ")]
+        for line in proc.stdout.splitlines():
+            word, _, path = line.partition(" ")
+            if word in ("OK", "REFUSED"):
+                outcome[path] = word
         if proc.returncode == 0:
             break
-        last = loaded[-1] if loaded else todo[0]
+        died = next((p for p in todo if p not in outcome), todo[0])
         why = [line for line in proc.stderr.splitlines() if "GGML" in line or "terminate" in line][:1]
-        found.append(f"{last}: exit {proc.returncode} {why}")
-        todo = todo[todo.index(last) + 1 :]
-    return found
+        outcome[died] = f"exit {proc.returncode} {why}"
+        todo = todo[todo.index(died) + 1 :]
+    return outcome
+
+
+def crashes(paths: list[Path]) -> list[str]:
+    """The files that made llama.cpp die (refusing one is fine)."""
+    return [f"{p}: {o}" for p, o in load_all(paths).items() if o not in ("OK", "REFUSED")]
 
 
 def main() -> None:

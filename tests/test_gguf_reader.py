@@ -123,8 +123,7 @@ def test_reader_names_the_damage(case, original, tmp_path):
 
 
 # One case of each kind through the real commands (each run costs about a second).
-CLI_CASES = ["cut in the header", "cut in the tensor data", "random bytes", "unknown tensor type", "duplicate token",
-             "negative rms epsilon", "zero layers"]  # fmt: skip
+CLI_CASES = ["cut in the header", "cut in the tensor data", "unknown tensor type", "duplicate token", "zero layers"]
 
 
 @pytest.mark.parametrize("case", CLI_CASES)
@@ -138,7 +137,7 @@ def test_damaged_gguf_is_named_by_show_and_run(case, original, tmp_path):
         assert str(bad) in proc.stderr
 
 
-@pytest.mark.parametrize("case", ["cut in the tensor data", "random bytes", "duplicate token"])
+@pytest.mark.parametrize("case", ["duplicate token"])
 def test_serve_refuses_a_damaged_gguf_before_listening(case, original, tmp_path):
     bad, needle = _damaged(case, original, tmp_path)
     _fails_cleanly(run_cli("serve", str(bad), "--port", "0", timeout=60), needle)

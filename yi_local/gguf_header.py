@@ -300,14 +300,23 @@ def check_model(path: str | os.PathLike[str]) -> Header:
         _check_llama_hparams(header)
     tokens = header.metadata.get("tokenizer.ggml.tokens")
     if isinstance(tokens, list):
-        seen: dict[bytes, int] = {}
-        for i, token in enumerate(tokens):
-            # llama.cpp reads each token as a C string (up to a NUL) and names an empty one [EMPTY_i].
-            text = token.split(b"\0", 1)[0] or f"[EMPTY_{i}]".encode()
-            if text in seen:
-                raise damaged(header.path, f"tokens {seen[text]} and {i} are both {text.decode(errors='replace')!r}")
-            seen[text] = i
+        twins = first_duplicate_token(tokens)
+        if twins is not None:
+            i, j, text = twins
+            raise damaged(header.path, f"tokens {i} and {j} are both {text.decode(errors='replace')!r}")
     return header
+
+
+def first_duplicate_token(tokens: list[bytes]) -> tuple[int, int, bytes] | None:
+    """Two ids with one text, as llama.cpp sees them (it aborts on such a vocabulary)."""
+    seen: dict[bytes, int] = {}
+    for i, token in enumerate(tokens):
+        # llama.cpp reads each token as a C string (up to a NUL) and names an empty one [EMPTY_i].
+        text = token.split(b"\0", 1)[0] or f"[EMPTY_{i}]".encode()
+        if text in seen:
+            return seen[text], i, text
+        seen[text] = i
+    return None
 
 
 def _check_llama_hparams(header: Header) -> None:
