@@ -38,11 +38,15 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS; llama.cpp's quantizer aborts when it cannot start that many
+
+
 def _threads(threads: int | None) -> int:
     if threads is None:
         return default_threads()
-    if threads < 1:
-        raise YiLocalError(f"--threads is {threads}; it must be at least 1", hint="leave it out to use every core")
+    if not 1 <= threads <= MAX_THREADS:
+        raise YiLocalError(f"--threads is {threads}; it must be from 1 to {MAX_THREADS}",
+                           hint=f"leave it out to use every core ({default_threads()} here)")  # fmt: skip
     return threads
 
 

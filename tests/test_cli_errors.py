@@ -96,6 +96,8 @@ def _cases(root: Path, chat_dir: Path, f16: Path) -> dict[str, Case]:
         out=folder("threads0"))  # fmt: skip
     f = gguf("threads-neg")
     add("--threads -2 (quantizing a GGUF)", ["convert", f, "--q", "Q8_0", "--threads", "-2"], ["--threads is -2"])
+    f = gguf("threads-huge")  # llama.cpp's quantizer died in std::terminate
+    add("--threads 100000", ["convert", f, "--q", "Q8_0", "--threads", "100000"], ["--threads is 100000"])
 
     # The output is the input, --force or not.
     f = gguf("same")
@@ -159,7 +161,7 @@ CASE_NAMES = [
     "config num_attention_heads='4'", "config num_attention_heads=0",
     "config.json is a folder", "config.json given instead of its folder", "-o /dev/null", "-o a link to /dev/null",
     "-o under a regular file", "-o in a folder nobody may write", "-o a folder named .gguf", "--threads 0",
-    "--threads -2 (quantizing a GGUF)", "-o the input GGUF", "-o a hard link to the input", "-o a symlink to the input",
+    "--threads -2 (quantizing a GGUF)", "--threads 100000", "-o the input GGUF", "-o a hard link to the input", "-o a symlink to the input",
     "-o a link to a source shard", "not enough free space", "doctor --memory nan", "doctor --memory -1",
     "doctor --ctx 0", "run a non-UTF-8 prompt", "run with non-UTF-8 standard input",
 ]  # fmt: skip
