@@ -31,6 +31,7 @@ _SCALARS = {
 _INTS = {GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16, GGUFValueType.UINT32,
          GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64}  # fmt: skip
 # llama.cpp's limits (ggml/src/gguf.cpp, ggml.h).
+_U64 = struct.Struct("<Q")
 MAX_STRING = 1 << 30
 MAX_ARRAY = 1 << 30
 MAX_NAME = 64  # GGML_MAX_NAME, including the terminating NUL
@@ -199,16 +200,36 @@ class _Parser:
             raise damaged(self.path, f"its metadata {key} claims {count:,} items")
         self._need(count * item_size)  # at least the items' length fields
         offset = self.pos
-        if key in self.load_arrays:
-            if item == GGUFValueType.STRING:
-                return [self.raw_string(f"item {i} of {key}") for i in range(count)]
-            return list(struct.unpack(f"<{count}{_SCALARS[item][1:]}", self.take(count * item_size)))
+        keep = key in self.load_arrays
         if item == GGUFValueType.STRING:
-            for _ in range(count):
-                self.skip(self.unpack("<Q"))
-        else:
-            self.skip(count * item_size)
+            strings = self.strings(key, count, keep)
+            return strings if keep else ArrayInfo(item, count, offset)
+        if keep:
+            return list(struct.unpack(f"<{count}{_SCALARS[item][1:]}", self.take(count * item_size)))
+        self.skip(count * item_size)
         return ArrayInfo(item, count, offset)
+
+    def strings(self, key: str, count: int, keep: bool) -> list[bytes]:
+        """`count` length-prefixed strings (a vocabulary: tens of thousands), read from the buffer in a tight loop."""
+        out: list[bytes] = []
+        unpack = _U64.unpack_from
+        i = 0
+        while i < count:
+            buf, start = self.buf, self.pos - self.base
+            while i < count and start + 8 <= len(buf):
+                end = start + 8 + unpack(buf, start)[0]
+                if end > len(buf):
+                    break
+                if keep:
+                    out.append(buf[start + 8 : end])
+                start, i = end, i + 1
+            self.pos = self.base + start
+            if i < count:  # an item that crosses the end of the buffer: read it the careful way
+                item = self.raw_string(f"item {i} of {key}")
+                if keep:
+                    out.append(item)
+                i += 1
+        return out
 
     def parse(self) -> Header:
         magic = self.f.read(4)
@@ -309,6 +330,8 @@ def check_model(path: str | os.PathLike[str]) -> Header:
 
 def first_duplicate_token(tokens: list[bytes]) -> tuple[int, int, bytes] | None:
     """Two ids with one text, as llama.cpp sees them (it aborts on such a vocabulary)."""
+    if len(set(tokens)) == len(tokens) and not any(not t or b"\0" in t for t in tokens):
+        return None  # the common case, decided at C speed
     seen: dict[bytes, int] = {}
     for i, token in enumerate(tokens):
         # llama.cpp reads each token as a C string (up to a NUL) and names an empty one [EMPTY_i].
