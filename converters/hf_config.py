@@ -59,6 +59,8 @@ class ModelParams:
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from `path`; a missing, unreadable or malformed file is named with the fix."""
     try:
+        if path.exists() and not path.is_file() and not path.is_dir():  # a pipe would block the read forever
+            raise YiLocalError(f"{path} is not a regular file", hint=f"put the model's {path.name} there")
         with open(path, "rb") as f:
             raw = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import shutil
 import subprocess
@@ -118,6 +119,7 @@ CASES: dict[str, tuple[Callable[[Path], None], str, str]] = {
         "config.json", "the key 'hidden_size' is given twice",
     ),
     "config.json a folder": (_replace("config.json", Path.mkdir), "config.json", "is a folder"),
+    "config.json a pipe": (_replace("config.json", os.mkfifo), "config.json", "is not a regular file"),  # read hung
     # config.json against the tensors: llama.cpp said "the file may be damaged; convert it again"
     "hidden_size contradicts": (config(hidden_size=512), SHARD, "config.json's vocab_size and hidden_size make it [1024, 512]"),
     "intermediate_size contradicts": (config(intermediate_size=1024), SHARD, "intermediate_size and hidden_size make it"),
