@@ -38,6 +38,9 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+# The files of a model folder the converter reads, besides the weights: none may be overwritten.
+INPUT_FILES = ("config.json", "tokenizer.model", "tokenizer_config.json", "tokenizer.json", "generation_config.json",
+               "model.safetensors.index.json", "chat_template.json", "chat_template.jinja")  # fmt: skip
 MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS; llama.cpp's quantizer aborts when it cannot start that many
 
 
@@ -123,7 +126,7 @@ def convert(
     keep_path, quant_paths = _output_paths(
         Path(out) if out is not None else None, model_name, unquantized, explicit is not None or not quant_types, quant_types
     )
-    inputs = [p for p in model_dir.iterdir() if p.is_file()]
+    inputs = {s.path for s in sources if s.path} | {model_dir / n for n in INPUT_FILES} | set(model_dir.glob("*.bin"))
     for p in [keep_path, *quant_paths]:
         if p is not None:
             check_writable(p, force, inputs)
