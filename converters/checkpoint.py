@@ -7,7 +7,6 @@ Safetensors shards are parsed by `gguf.utility.SafetensorsLocal` (header only) a
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -16,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from converters.hf_config import read_json
 from yi_local.errors import YiLocalError
 
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors format's own limit
 # safetensors dtype -> (our dtype name, bytes per element)
 _ST_DTYPES = {"BF16": ("BF16", 2), "F16": ("F16", 2), "F32": ("F32", 4)}
 _NP_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
@@ -71,35 +72,57 @@ class TensorSource:
 
 
 def _check_safetensors(path: Path) -> list[TensorSource]:
+    """The tensors of one shard, their header checked against the file: types, sizes, offsets, overlaps."""
     from gguf.utility import SafetensorsLocal
 
-    size = path.stat().st_size
     fix = f"delete {path.name} and download it again"
     try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise YiLocalError(f"{path} cannot be read: {e.strerror}", hint="check the file's permissions") from None
+    header_len = int.from_bytes(head, "little")
+    if len(head) < 8 or 8 + header_len > size:
+        raise YiLocalError(f"{path} is truncated or not a safetensors file: {size:,} bytes on disk, its header "
+                           f"alone claims {8 + header_len:,}", hint=fix)  # fmt: skip
+    if header_len > MAX_SAFETENSORS_HEADER:
+        raise YiLocalError(f"{path} claims a {header_len:,}-byte header (the format allows 100 MB)", hint=fix)
+    try:
         tensors = SafetensorsLocal(path).tensors
-    except (ValueError, UnicodeDecodeError, OSError, KeyError, TypeError) as e:
+    except (ValueError, UnicodeDecodeError, OSError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
         raise YiLocalError(f"{path} is not a readable safetensors file ({e})", hint=fix) from None
-    sources = []
-    data_end = 0
+    data_start, data_size = 8 + header_len, size - 8 - header_len
+    sources, extents = [], []
     for name, t in tensors.items():
-        if t.dtype not in _ST_DTYPES:
+        if not isinstance(t.dtype, str) or t.dtype not in _ST_DTYPES:
             raise YiLocalError(
-                f"{path.name}: tensor {name} has dtype {t.dtype}",
+                f"{path}: tensor {name} has dtype {t.dtype}",
                 hint="yi-local reads bf16, f16 and f32 checkpoints; this one looks quantized or corrupt",
             )
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in t.shape):
+            raise YiLocalError(f"{path}: tensor {name} has shape {list(t.shape)}", hint=fix)
+        begin, length = t.data_range.offset - data_start, t.data_range.size
+        if not (isinstance(begin, int) and isinstance(length, int)) or begin < 0 or length < 0:
+            raise YiLocalError(f"{path}: tensor {name} has data offsets [{begin}, {begin + length}]", hint=fix)
         dtype, itemsize = _ST_DTYPES[t.dtype]
         expected = math.prod(t.shape) * itemsize
-        if t.data_range.size != expected:
+        if length != expected:
             raise YiLocalError(
-                f"{path.name}: tensor {name} header says {t.data_range.size} bytes but its shape "
+                f"{path}: tensor {name} header says {length} bytes but its shape "
                 f"{list(t.shape)} needs {expected}",
                 hint=fix,
             )
-        data_end = max(data_end, t.data_range.offset + t.data_range.size)
+        extents.append((begin, begin + length, name))
         sources.append(TensorSource(name, dtype, tuple(t.shape), path=path, offset=t.data_range.offset))
-    if data_end > size:
+    extents.sort()
+    for (_, end, first), (begin, _, second) in zip(extents, extents[1:]):
+        if begin < end:
+            raise YiLocalError(f"{path}: the data of tensors {first} and {second} overlap", hint=fix)
+    data_end = max((end for _, end, _ in extents), default=0)
+    if data_end > data_size:
         raise YiLocalError(
-            f"{path} is truncated: {size:,} bytes on disk, its header needs {data_end:,}",
+            f"{path} is truncated: {size:,} bytes on disk, its header needs {data_start + data_end:,}",
             hint=fix,
         )
     return sources
@@ -107,12 +130,18 @@ def _check_safetensors(path: Path) -> list[TensorSource]:
 
 def _safetensors_files(model_dir: Path) -> list[Path] | None:
     index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise YiLocalError(f"{index} is not a valid index ({e})", hint="download it again") from None
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise YiLocalError(f"{index} has no weight_map of tensor -> file", hint="download it again")
         names = sorted(set(weight_map.values()))
+        outside = [n for n in names if Path(n).name != n or n in (".", "..")]
+        if outside:
+            raise YiLocalError(f"{index} names {outside[0]!r}, which is not a file in {model_dir}",
+                               hint="the index may only name shards beside it; download it again")  # fmt: skip
+        not_files = [n for n in names if (model_dir / n).exists() and not (model_dir / n).is_file()]
+        if not_files:
+            raise YiLocalError(f"{model_dir / not_files[0]} is not a file", hint="put the shard itself there")
         missing = [n for n in names if not (model_dir / n).is_file()]
         if missing:
             raise YiLocalError(
@@ -121,7 +150,7 @@ def _safetensors_files(model_dir: Path) -> list[Path] | None:
                 hint="download the missing shard(s) into " + str(model_dir),
             )
         return [model_dir / n for n in names]
-    files = sorted(model_dir.glob("*.safetensors"))
+    files = sorted(p for p in model_dir.glob("*.safetensors") if p.is_file())
     return files or None
 
 
@@ -162,8 +191,14 @@ def load_tensor_sources(model_dir: Path) -> list[TensorSource]:
     if files is None:
         return _bin_sources(model_dir)
     sources: list[TensorSource] = []
+    where: dict[str, Path] = {}
     for f in files:
-        sources.extend(_check_safetensors(f))
+        for src in _check_safetensors(f):
+            if src.name in where:
+                raise YiLocalError(f"tensor {src.name} is in both {where[src.name].name} and {f.name}",
+                                   hint="a stray shard from another download is in the folder; remove it")  # fmt: skip
+            where[src.name] = f
+            sources.append(src)
     return sources
 
 

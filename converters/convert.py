@@ -11,7 +11,7 @@ from typing import Sequence
 
 from gguf import GGML_QUANT_VERSION, GGUFWriter
 
-from yi_local.atomic import atomic_output, check_writable
+from yi_local.atomic import atomic_output, check_room, check_writable, scratch_file
 from converters.checkpoint import TensorSource, load_tensor_sources
 from converters.gguf_file import verify_gguf, write_gguf
 from converters.hf_config import ModelParams, read_model_params
@@ -21,6 +21,7 @@ from converters.quantize import quantize_file
 from converters.tensors import plan_tensors
 from converters.vocab import Vocab, read_vocab
 from yi_local.errors import YiLocalError
+from yi_local.gguf_header import Header, check_model
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,21 @@ class ConvertResult:
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# The files of a model folder the converter reads, besides the weights: none may be overwritten.
+INPUT_FILES = ("config.json", "tokenizer.model", "tokenizer_config.json", "tokenizer.json", "generation_config.json",
+               "model.safetensors.index.json", "chat_template.json", "chat_template.jinja")  # fmt: skip
+MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS; llama.cpp's quantizer aborts when it cannot start that many
+
+
+def _threads(threads: int | None) -> int:
+    if threads is None:
+        return default_threads()
+    if not 1 <= threads <= MAX_THREADS:
+        raise YiLocalError(f"--threads is {threads}; it must be from 1 to {MAX_THREADS}",
+                           hint=f"leave it out to use every core ({default_threads()} here)")  # fmt: skip
+    return threads
 
 
 def _checkpoint_type(sources: list[TensorSource]) -> str:
@@ -92,56 +108,80 @@ def convert(
 ) -> ConvertResult:
     """Convert the Hugging Face model folder `src`; see `yi-local convert --help` for the options."""
     progress = progress or NullProgress()
-    threads = threads or default_threads()
+    threads = _threads(threads)
     model_dir = Path(src)
     if not model_dir.is_dir():
         raise YiLocalError(f"{model_dir} is not a folder", hint="give the path of a downloaded Hugging Face model folder")
-    model_name = model_name or model_dir.resolve().name
+    # A folder name need not be UTF-8; the model's name in the GGUF must be.
+    model_name = model_name or os.fsencode(model_dir.resolve().name).decode("utf-8", "replace")
     quant_types = list(dict.fromkeys(parse_quant(q) for q in quants))
     explicit = parse_outtype(outtype)
 
     # Everything that can be wrong with the input is found before anything is written.
     params = read_model_params(model_dir)
-    vocab = read_vocab(model_dir, params.vocab_size)
     sources = load_tensor_sources(model_dir)
     unquantized = explicit or OUT_TYPES[AUTO_OUT_TYPE[_checkpoint_type(sources)]]
     plans = plan_tensors(sources, params, unquantized.tensor_type)
+    vocab = read_vocab(model_dir, params.vocab_size)
     keep_path, quant_paths = _output_paths(
         Path(out) if out is not None else None, model_name, unquantized, explicit is not None or not quant_types, quant_types
     )
+    inputs = {s.path for s in sources if s.path} | {model_dir / n for n in INPUT_FILES} | set(model_dir.glob("*.bin"))
     for p in [keep_path, *quant_paths]:
         if p is not None:
-            check_writable(p, force)
+            check_writable(p, force, inputs)
 
     result = ConvertResult(files=[], model_name=model_name, is_chat=vocab.is_chat, notes=list(vocab.notes))
     total = sum(p.src.nbytes for p in plans)
     n_params = sum(math.prod(p.shape) for p in plans)
-    # Without a kept unquantized file, it is a scratch intermediate: buffered (llama.cpp reads it
-    # straight back from the page cache), not fsynced, removed at the end.
-    kept = keep_path is not None
-    base_path = keep_path or quant_paths[0].with_name(f".{model_name}-{unquantized.name}.{os.getpid()}.intermediate.gguf")
-    try:
-        with atomic_output(base_path, force=True, durable=kept) as tmp:
-            task = progress.task(f"convert → {unquantized.name}", total)
+    base_bytes = sum(p.nbytes for p in plans) + 32 * len(vocab.tokens) + (1 << 20)
+    quant_bytes = [_quantized_bytes(n_params, q) for q in quant_types]
+    check_room(_needs([(keep_path or quant_paths[0], base_bytes), *zip(quant_paths, quant_bytes)]))
+
+    def write_base(path: Path, kept: bool) -> None:
+        task = progress.task(f"convert → {unquantized.name}", total)
+        try:
+            # A kept file goes to the disk directly; a scratch one stays in the page cache, where
+            # llama.cpp reads it straight back.
+            write_gguf(path, _metadata_writer(model_name, params, vocab, unquantized), plans, threads, task.advance,
+                       direct_io=kept)
+        finally:
+            task.close()
+        verify_gguf(path, plans)
+
+    def quantize_all(base: Path) -> None:
+        for quant, dest, size in zip(quant_types, quant_paths, quant_bytes):
+            task = progress.task(f"quantize → {quant.name}", size)
             try:
-                write_gguf(tmp, _metadata_writer(model_name, params, vocab, unquantized), plans, threads, task.advance,
-                           direct_io=kept)
-            finally:
-                task.close()
-            verify_gguf(tmp, plans)
-        if kept:
-            result.files.append(base_path)
-        for quant, dest in zip(quant_types, quant_paths):
-            task = progress.task(f"quantize → {quant.name}", int(n_params * quant.bits_per_weight / 8))
-            try:
-                quantize_file(base_path, dest, quant, threads, force, on_progress=task.update)
+                quantize_file(base, dest, quant, threads, force, on_progress=task.update, expected_bytes=size)
             finally:
                 task.close()
             result.files.append(dest)
-    finally:
-        if not kept:
-            base_path.unlink(missing_ok=True)
+
+    if keep_path is not None:
+        with atomic_output(keep_path, force=True) as tmp:
+            write_base(tmp, kept=True)
+        result.files.append(keep_path)
+        quantize_all(keep_path)
+    else:
+        # Without a kept unquantized file it is a scratch intermediate beside the outputs, removed at the end.
+        with scratch_file(quant_paths[0].parent, f"{model_name}-{unquantized.name}.intermediate.gguf") as tmp:
+            write_base(tmp, kept=False)
+            quantize_all(tmp)
     return result
+
+
+def _quantized_bytes(n_params: int, quant: QuantType) -> int:
+    """About what llama.cpp writes for `quant` (its bits per weight, measured on Llama-2-7B)."""
+    return int(n_params * quant.bits_per_weight / 8)
+
+
+def _needs(files: list[tuple[Path, int]]) -> dict[Path, int]:
+    """Bytes to be written in each folder: the estimates plus a margin (5% and 1 MB a file)."""
+    needs: dict[Path, int] = {}
+    for path, n in files:
+        needs[path.parent] = needs.get(path.parent, 0) + int(n * 1.05) + (1 << 20)
+    return needs
 
 
 def requantize(
@@ -154,37 +194,45 @@ def requantize(
 ) -> ConvertResult:
     """Quantize an existing (unquantized) GGUF to each of `quants` with llama.cpp."""
     progress = progress or NullProgress()
+    threads = _threads(threads)
     path = Path(src)
     quant_types = list(dict.fromkeys(parse_quant(q) for q in quants))
     if not quant_types:
         raise YiLocalError(f"{path.name} is already a GGUF", hint="give --q TYPE to quantize it to another level")
-    _check_unquantized(path)
+    header = _check_unquantized(path)
     stem = path.stem
     for suffix in ("-F32", "-F16", "-BF16", "-f32", "-f16", "-bf16"):
         stem = stem.removesuffix(suffix)
     _, dests = _output_paths(Path(out) if out is not None else None, stem, OUT_TYPES["F16"], False, quant_types)
     for dest in dests:
-        check_writable(dest, force)
+        check_writable(dest, force, [path])
+    n_params = sum(math.prod(t.shape) for t in header.tensors)
+    sizes = [_quantized_bytes(n_params, q) for q in quant_types]
+    check_room(_needs(list(zip(dests, sizes))))
     result = ConvertResult(files=[], model_name=stem, is_chat=False)
-    size = path.stat().st_size
-    for quant, dest in zip(quant_types, dests):
-        task = progress.task(f"quantize → {quant.name}", int(size * quant.bits_per_weight / 16))
+    for quant, dest, size in zip(quant_types, dests, sizes):
+        task = progress.task(f"quantize → {quant.name}", size)
         try:
-            quantize_file(path, dest, quant, threads or default_threads(), force, on_progress=task.update)
+            quantize_file(path, dest, quant, threads, force, on_progress=task.update,
+                          expected_bytes=size)
         finally:
             task.close()
         result.files.append(dest)
     return result
 
 
-def _check_unquantized(path: Path) -> None:
+def _check_unquantized(path: Path) -> Header:
     from gguf import LlamaFileType
 
-    from yi_local.gguf_header import read_header
-
-    file_type = LlamaFileType(int(read_header(path).metadata.get("general.file_type", 0)))
+    header = check_model(path)
+    code = header.get_int("general.file_type", 0)
+    try:
+        file_type = LlamaFileType(code)
+    except ValueError:
+        raise YiLocalError(f"{path.name} has an unknown file type ({code})", hint="give an F32, F16 or BF16 GGUF") from None
     if file_type not in (LlamaFileType.ALL_F32, LlamaFileType.MOSTLY_F16, LlamaFileType.MOSTLY_BF16):
         raise YiLocalError(
             f"{path.name} is already quantized ({file_type.name.replace('MOSTLY_', '')})",
             hint="quantize from the Hugging Face folder or an F16/BF16 GGUF: quantizing twice loses quality",
         )
+    return header

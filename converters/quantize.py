@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import ctypes
+import os
+import resource
+import shutil
 import threading
 from pathlib import Path
 from typing import Callable
 
-from yi_local.atomic import atomic_output
-from yi_local.gguf_header import read_header
 from converters.llama_lib import llama_cpp as load_llama_cpp
 from converters.quant_types import QuantType
+from yi_local.atomic import atomic_output
 from yi_local.errors import YiLocalError
+from yi_local.gguf_header import read_header
 
 # Bytes of tensor rows llama.cpp keeps in memory at once (its default is 8 GiB): small enough to
 # keep peak RSS below llama-quantize's, large enough not to slow it down.
@@ -25,6 +28,7 @@ def quantize_file(
     threads: int,
     force: bool = False,
     on_progress: Callable[[int], None] | None = None,
+    expected_bytes: int = 0,
 ) -> None:
     """Quantize the GGUF `src` into `dest` atomically; `on_progress` gets the bytes written so far."""
     llama_cpp = load_llama_cpp()
@@ -34,13 +38,15 @@ def quantize_file(
     params.max_buf_size = MAX_BUF_BYTES
     result: list[int] = []
 
-    with atomic_output(dest, force) as tmp:
+    # llama.cpp opens its output by name: it writes into a private folder, never through a path
+    # someone else could have put a link at.
+    with atomic_output(dest, force, private_dir=True) as tmp:
 
         def run() -> None:
-            result.append(llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)))
+            result.append(llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params)))
 
         # A daemon thread: ctypes releases the GIL, so Ctrl+C reaches the main thread at once and
-        # atomic_output removes the temporary file while the process exits.
+        # atomic_output removes the temporary folder while the process exits.
         worker = threading.Thread(target=run, name=f"quantize-{quant.name}", daemon=True)
         worker.start()
         while worker.is_alive():
@@ -48,17 +54,35 @@ def quantize_file(
             if on_progress and tmp.exists():
                 on_progress(tmp.stat().st_size)
         if not result or result[0] != 0:
-            raise YiLocalError(
-                f"llama.cpp could not quantize {src.name} to {quant.name} (code {result[0] if result else '?'})",
-                hint="see the llama.cpp messages above; a model with unusual tensor shapes may not support this level",
-            )
+            _explain_failure(src, dest, tmp, quant, expected_bytes)
         _verify(tmp, quant)
 
 
+def _explain_failure(src: Path, dest: Path, tmp: Path, quant: QuantType, expected: int) -> None:
+    """llama.cpp says only that it failed: tell a full disk (or a file size limit) from a model it cannot quantize."""
+    written = tmp.stat().st_size if tmp.exists() else 0
+    free = shutil.disk_usage(dest.parent).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and written >= limit:
+        raise YiLocalError(
+            f"could not write {dest}: it reached this shell's file size limit ({limit:,} bytes, `ulimit -f`)",
+            hint="raise the limit (`ulimit -f unlimited`) and convert again; nothing was written",
+        )
+    if free < max(expected - written, 0) + (16 << 20):
+        raise YiLocalError(
+            f"could not write {dest}: the disk is full ({free / 1e6:,.0f} MB free in {dest.parent}, "
+            f"the {quant.name} file needs about {expected / 1e6:,.0f} MB)",
+            hint="free some space or write elsewhere with -o; nothing was written",
+        )
+    raise YiLocalError(
+        f"llama.cpp could not quantize {src.name} to {quant.name}",
+        hint="see the llama.cpp messages above (run with -v for all of them); a model with unusual tensor "
+        "shapes may not support this level",
+    )
+
+
 def _verify(path: Path, quant: QuantType) -> None:
-    header = read_header(path)
-    file_type = header.metadata.get("general.file_type")
+    header = read_header(path)  # also refuses a file whose tensors run past its end
+    file_type = header.get_int("general.file_type")
     if file_type != int(quant.ftype):
         raise YiLocalError(f"{path.name}: general.file_type is {file_type}, expected {int(quant.ftype)} ({quant.name})")
-    if path.stat().st_size < header.data_end:
-        raise YiLocalError(f"{path.name} is truncated: {path.stat().st_size} bytes, tensors need {header.data_end}")

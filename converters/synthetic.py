@@ -239,3 +239,32 @@ def build_checkpoint(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return out_dir
+
+
+def build_sparse_checkpoint(out_dir: Path, like: Path, dims: Dims) -> Path:
+    """A checkpoint of `dims` whose weights are holes (sparse files): any size, no disk space, all zeros.
+
+    The tokenizer and chat files come from the checkpoint folder `like`; one shard per layer.
+    """
+    import shutil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.model", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(like / name, out_dir / name)
+    (out_dir / "config.json").write_text(json.dumps(_config(dims, "chat"), indent=2))
+    groups: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for name, shape in tensor_shapes(dims):
+        layer = name.split(".")[2] if name.startswith("model.layers.") else "rest"
+        groups.setdefault(layer, []).append((name, shape))
+    for layer, part in groups.items():
+        header: dict = {}
+        offset = 0
+        for name, shape in part:
+            size = math.prod(shape) * 2
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header).encode()
+        with open(out_dir / f"model-{layer}.safetensors", "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + offset)
+    return out_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +58,9 @@ class TensorPlan:
 
 
 def plan_tensors(sources: list[TensorSource], params: ModelParams, out_type: GGMLQuantizationType) -> list[TensorPlan]:
+    """Every checkpoint tensor mapped to its llama.cpp name and checked against config.json."""
     name_map = get_tensor_name_map(MODEL_ARCH.LLAMA, params.num_layers)
+    shapes = expected_shapes(params)
     plans = []
     for src in sources:
         if src.name.endswith(_SKIP_SUFFIXES):
@@ -66,10 +69,14 @@ def plan_tensors(sources: list[TensorSource], params: ModelParams, out_type: GGM
         for old, new in _LEGACY_RENAMES.items():
             hf_name = hf_name.replace(old, new)
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
+        if name is None or name not in shapes:
+            raise _unexpected(src.name, params)
+        want, fields = shapes.pop(name)
+        if src.shape != want:
+            where = f"{src.path.name}: " if src.path else ""
             raise YiLocalError(
-                f"tensor {src.name} has no llama.cpp counterpart",
-                hint="this checkpoint is not a plain Llama/Yi model; yi-local cannot convert it",
+                f"{where}tensor {src.name} is {list(src.shape)}, but config.json's {fields} make it {list(want)}",
+                hint="config.json and the weights disagree (a config from another model?); download the model again",
             )
         permute = None
         if hf_name.endswith("q_proj.weight"):
@@ -82,24 +89,45 @@ def plan_tensors(sources: list[TensorSource], params: ModelParams, out_type: GGM
         elif out_type == Q8_0 and src.row_len % GGML_QUANT_SIZES[Q8_0][0] != 0:
             tensor_type = F16
         plans.append(TensorPlan(src, name, tensor_type, permute))
-    _check_complete(plans, params)
-    return plans
-
-
-def _check_complete(plans: list[TensorPlan], params: ModelParams) -> None:
-    names = {p.name for p in plans}
-    per_layer = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
-    expected = {"token_embd.weight", "output_norm.weight"}
-    if not params.tie_word_embeddings:
-        expected.add("output.weight")
-    expected |= {f"blk.{i}.{t}.weight" for i in range(params.num_layers) for t in per_layer}
-    missing = sorted(expected - names)
-    if missing:
+    if params.tie_word_embeddings:
+        shapes.pop("output.weight", None)  # optional: llama.cpp reuses token_embd without it
+    if shapes:
+        missing = sorted(shapes)
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise YiLocalError(
             f"the checkpoint lacks tensors: {shown}",
             hint="a weight shard is missing or incomplete; download the model again",
         )
+    return plans
+
+
+def expected_shapes(params: ModelParams) -> dict[str, tuple[tuple[int, ...], str]]:
+    """llama.cpp tensor name -> (the checkpoint's shape for it, the config fields that set it)."""
+    hidden, ffn, vocab = params.hidden_size, params.intermediate_size, params.vocab_size
+    kv = params.num_kv_heads * params.head_dim
+    h, f, v, k = "hidden_size", "intermediate_size and hidden_size", "vocab_size and hidden_size", (
+        "num_key_value_heads, num_attention_heads and hidden_size")  # fmt: skip
+    shapes = {"token_embd.weight": ((vocab, hidden), v), "output.weight": ((vocab, hidden), v),
+              "output_norm.weight": ((hidden,), h)}  # fmt: skip
+    per_layer = {"attn_norm": ((hidden,), h), "attn_q": ((hidden, hidden), h), "attn_k": ((kv, hidden), k),
+                 "attn_v": ((kv, hidden), k), "attn_output": ((hidden, hidden), h), "ffn_norm": ((hidden,), h),
+                 "ffn_gate": ((ffn, hidden), f), "ffn_up": ((ffn, hidden), f), "ffn_down": ((hidden, ffn), f)}  # fmt: skip
+    for i in range(params.num_layers):
+        shapes |= {f"blk.{i}.{t}.weight": want for t, want in per_layer.items()}
+    return shapes
+
+
+def _unexpected(name: str, params: ModelParams) -> YiLocalError:
+    layer = re.search(r"layers\.(\d+)\.", name)
+    if layer and int(layer.group(1)) >= params.num_layers:
+        return YiLocalError(
+            f"tensor {name} is in layer {layer.group(1)}, but config.json's num_hidden_layers is {params.num_layers}",
+            hint="config.json and the weights disagree (a config from another model?); download the model again",
+        )
+    return YiLocalError(
+        f"tensor {name} has no place in a Llama/Yi model (or is given twice)",
+        hint="this checkpoint is not a plain Llama/Yi model; yi-local cannot convert it",
+    )
 
 
 def permute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:

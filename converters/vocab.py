@@ -16,6 +16,9 @@ from gguf import GGUFWriter, SpecialVocab, TokenType
 
 from converters.hf_config import read_json
 from yi_local.errors import YiLocalError
+from yi_local.gguf_header import first_duplicate_token
+
+MAX_TOKENIZER_BYTES = 256 << 20  # Yi's tokenizer.model is 1 MB, the largest SentencePiece models a few MB
 
 IM_END = "<|im_end|>"
 
@@ -56,12 +59,20 @@ def _load_sentencepiece(path: Path):
     from sentencepiece import SentencePieceProcessor
     from sentencepiece import sentencepiece_model_pb2 as sp_model
 
+    if path.is_dir():
+        raise YiLocalError(f"{path} is a folder, not a file", hint="download tokenizer.model from the model's repository")
     if not path.is_file():
         raise YiLocalError(
             f"tokenizer.model is missing in {path.parent}",
             hint="Yi uses a SentencePiece tokenizer; download tokenizer.model from the model's repository",
         )
-    data = path.read_bytes()
+    if path.stat().st_size > MAX_TOKENIZER_BYTES:
+        raise YiLocalError(f"{path} is {path.stat().st_size:,} bytes, too large for a tokenizer",
+                           hint="download tokenizer.model again")  # fmt: skip
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise YiLocalError(f"{path} cannot be read: {e.strerror}", hint="check the file's permissions") from None
     proto = sp_model.ModelProto()
     try:
         proto.ParseFromString(data)
@@ -102,17 +113,23 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
             types[i] = TokenType.NORMAL
 
     # added_tokens_decoder: Yi's <|im_start|>/<|im_end|>/<|im_sep|> and friends are special -> control.
-    for key, data in (tokenizer_config.get("added_tokens_decoder") or {}).items():
-        tid = int(key)
-        if tid >= vocab_size:
-            continue
-        tokens[tid] = data["content"].encode("utf-8")
+    for tid, content, is_special in _added_tokens(model_dir / "tokenizer_config.json", tokenizer_config, vocab_size):
+        tokens[tid] = content
         if tid >= n_sp:
             scores[tid] = -1000.0
         if types[tid] != TokenType.UNKNOWN:
-            types[tid] = TokenType.CONTROL if data.get("special") else TokenType.USER_DEFINED
+            types[tid] = TokenType.CONTROL if is_special else TokenType.USER_DEFINED
+    twins = first_duplicate_token(tokens)
+    if twins is not None:
+        i, j, text = twins
+        raise YiLocalError(
+            f"{model_dir.name}: tokens {i} and {j} are both {text.decode(errors='replace')!r} "
+            "(tokenizer.model and tokenizer_config.json's added_tokens_decoder)",
+            hint="each token needs its own text: llama.cpp refuses a vocabulary with duplicates; fix "
+            "added_tokens_decoder or download the tokenizer files again",
+        )
 
-    special = SpecialVocab(model_dir, n_vocab=vocab_size)
+    special = _special_vocab(model_dir, vocab_size)
     if sp.unk_id() >= 0:
         special.special_token_ids.setdefault("unk", sp.unk_id())
     # A Yi chat model: a template in tokenizer_config, or generation_config naming <|im_end|> as eos.
@@ -145,11 +162,83 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
     return vocab
 
 
+def _added_tokens(path: Path, tokenizer_config: dict, vocab_size: int) -> list[tuple[int, bytes, bool]]:
+    """(id, text, special) of tokenizer_config.json's added_tokens_decoder, every entry checked."""
+    decoder = tokenizer_config.get("added_tokens_decoder") or {}
+    hint = "fix added_tokens_decoder in tokenizer_config.json, or download it again"
+    if not isinstance(decoder, dict):
+        raise YiLocalError(f"{path}: added_tokens_decoder is not an object of id -> token", hint=hint)
+    added: dict[int, tuple[int, bytes, bool]] = {}
+    texts: dict[bytes, int] = {}
+    for key, entry in decoder.items():
+        try:
+            tid = int(key)
+        except ValueError:
+            raise YiLocalError(f"{path}: added token id {key!r} is not a number", hint=hint) from None
+        what = f"{path}: added token {tid}"
+        if not 0 <= tid < vocab_size:
+            raise YiLocalError(f"{what} is outside the vocabulary (0 to {vocab_size - 1}, config.json's vocab_size)",
+                               hint=hint)  # fmt: skip
+        if tid in added:
+            raise YiLocalError(f"{what} is given twice ({key!r})", hint=hint)
+        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str) or not entry["content"]:
+            raise YiLocalError(f"{what} has no text (a \"content\" string)", hint=hint)
+        try:
+            text = entry["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise YiLocalError(f"{what}: its text is not valid Unicode", hint=hint) from None
+        if text in texts:
+            raise YiLocalError(f"{what} has the same text as added token {texts[text]}: {entry['content']!r}", hint=hint)
+        texts[text] = tid
+        added[tid] = (tid, text, bool(entry.get("special")))
+    return list(added.values())
+
+
+def _special_vocab(model_dir: Path, vocab_size: int) -> SpecialVocab:
+    """gguf-py's reading of the special token ids and chat template, with the inputs it trusts checked."""
+    config_path, tc_path = model_dir / "config.json", model_dir / "tokenizer_config.json"
+    config = read_json(config_path)
+    for typ in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"):
+        ids = config.get(f"{typ}_token_id")
+        for tid in ids if isinstance(ids, list) else [] if ids is None else [ids]:
+            if not isinstance(tid, int) or isinstance(tid, bool) or not 0 <= tid < vocab_size:
+                raise YiLocalError(f"{config_path}: {typ}_token_id is {ids!r}, not a token id below vocab_size "
+                                   f"({vocab_size})", hint="fix that field or download config.json again")  # fmt: skip
+    template = read_json(tc_path).get("chat_template")
+    if isinstance(template, list):  # named templates, as gguf-py writes them
+        ok = all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                 for t in template)  # fmt: skip
+        texts = [t["template"] for t in template] if ok else []
+    else:
+        ok, texts = template is None or isinstance(template, str), [template] if template else []
+    if not ok:
+        raise YiLocalError(f"{tc_path}: chat_template is neither a template nor a list of {{name, template}}",
+                           hint="fix chat_template or download the file again")  # fmt: skip
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise YiLocalError(f"{tc_path}: chat_template is not valid Unicode",
+                               hint="fix chat_template or download the file again") from None  # fmt: skip
+    if (model_dir / "tokenizer.json").exists():
+        read_json(model_dir / "tokenizer.json")  # a readable JSON object, or a message saying what it is
+    try:
+        return SpecialVocab(model_dir, n_vocab=vocab_size)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OSError, RecursionError) as e:
+        raise YiLocalError(f"{model_dir.name}: the tokenizer files could not be read ({e})",
+                           hint="download tokenizer_config.json (and tokenizer.json) again") from None  # fmt: skip
+
+
 def _generation_eos(model_dir: Path) -> set[int]:
     path = model_dir / "generation_config.json"
     if not path.is_file():
         return set()
     eos = read_json(path).get("eos_token_id")
-    if isinstance(eos, int):
+    if eos is None:
+        return set()
+    if isinstance(eos, int) and not isinstance(eos, bool):
         return {eos}
-    return {e for e in eos or [] if isinstance(e, int)}
+    if isinstance(eos, list):
+        return {e for e in eos if isinstance(e, int) and not isinstance(e, bool)}
+    raise YiLocalError(f"{path}: eos_token_id is {eos!r}, not a token id or a list of them",
+                       hint="fix that field or download generation_config.json again")  # fmt: skip

@@ -14,6 +14,9 @@ import time
 import pytest
 
 from tests.conftest import REPO, run_cli
+from yi_local.atomic import TEMP_DIR_SUFFIX, TEMP_SUFFIX
+
+TEMP_SUFFIXES = (TEMP_SUFFIX, TEMP_DIR_SUFFIX)
 
 
 @pytest.fixture
@@ -117,7 +120,7 @@ def test_ctrl_c_mid_write_leaves_nothing(medium_dir, tmp_path, args, interrupt_w
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and any(interrupt_when in p.name and p.name.endswith(".part") for p in out.iterdir()):
+        if out.exists() and any(interrupt_when in p.name and p.name.endswith(TEMP_SUFFIXES) for p in out.iterdir()):
             break
         time.sleep(0.005)
     assert proc.poll() is None, "finished before it could be interrupted"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
 
 from yi_local import __version__
@@ -66,6 +68,12 @@ def parse(argv: list[str]) -> argparse.Namespace | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from yi_local import signals
+
+    signals.install()
+    # File names need not be UTF-8: print them back byte for byte, as ls does, instead of failing.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     args = parse(list(sys.argv[1:] if argv is None else argv))
     if args is None:
         return 1
@@ -77,9 +85,30 @@ def main(argv: list[str] | None = None) -> int:
         if e.hint:
             print(f"  {e.hint}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing was left half-written", file=sys.stderr)
-        return 130
+    except UnicodeEncodeError as e:
+        if "surrogates" not in e.reason:
+            raise
+        # Bytes that are not UTF-8 in an argument (Python keeps them as surrogates) reached text.
+        bad = e.object[e.start : e.end].encode("utf-8", "surrogateescape")
+        print(f"error: the text {_excerpt(e.object, e.start)} has bytes that are not UTF-8 ({bad!r})", file=sys.stderr)
+        print("  give text in UTF-8 (convert it with iconv); file and folder names may use any bytes", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`yi-local show X | head -3`): stop quietly, as a shell tool does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt as e:
+        try:
+            print("\ninterrupted: nothing was left half-written", file=sys.stderr)
+        except OSError:  # SIGHUP: the terminal is gone
+            pass
+        return signals.exit_code(e)
+
+
+def _excerpt(text: str, at: int) -> str:
+    start = max(0, at - 20)
+    shown = text[start : at + 20].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return ("..." if start else "") + '"' + shown.replace("\n", "\\n") + '"' + ("..." if at + 20 < len(text) else "")
 
 
 if __name__ == "__main__":

@@ -1,42 +1,44 @@
-"""What a GGUF file says about itself, read from its header (no weights are loaded)."""
+"""What a GGUF file says about itself, read from its checked header (no weights are loaded)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+from yi_local.gguf_header import check_model
+
 
 def describe_gguf(path: Path) -> list[tuple[str, str]]:
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
 
-    reader = GGUFReader(path)
+    header = check_model(path)
+    arch = header.get("general.architecture", str, "?")
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    tokens = tokens if isinstance(tokens, list) else []
 
-    def get(key, default=None):
-        field = reader.get_field(key)
-        return default if field is None else field.contents()
+    def token(key: str) -> str:
+        tid = header.get_int(key)
+        if tid is None:
+            return "-"
+        text = tokens[tid].decode("utf-8", errors="replace") if 0 <= tid < len(tokens) else "?"
+        return f"{text} ({tid})"
 
-    arch = get("general.architecture", "?")
-    tokens = get("tokenizer.ggml.tokens") or []
-
-    def token(key):
-        tid = get(key)
-        return "-" if tid is None else f"{tokens[tid] if tid < len(tokens) else '?'} ({tid})"
-
+    file_type = header.get_int("general.file_type")
     try:
-        quant = LlamaFileType(get("general.file_type")).name.replace("MOSTLY_", "").replace("ALL_", "")
+        quant = LlamaFileType(file_type).name.replace("MOSTLY_", "").replace("ALL_", "")
     except ValueError:
-        quant = str(get("general.file_type"))
-    params = sum(math.prod(int(d) for d in t.shape) for t in reader.tensors)
+        quant = str(file_type)
+    params = sum(math.prod(t.shape) for t in header.tensors)
     return [
-        ("name", get("general.name", path.stem)),
+        ("name", header.get("general.name", str) or path.stem),
         ("file", str(path)),
-        ("size", f"{path.stat().st_size / 1e9:.2f} GB"),
+        ("size", f"{header.file_size / 1e9:.2f} GB"),
         ("architecture", arch),
         ("parameters", f"{params / 1e9:.2f} B" if params >= 1e8 else f"{params:,}"),
         ("quantization", quant),
-        ("context", f"{get(f'{arch}.context_length', 0):,}"),
-        ("layers", str(get(f"{arch}.block_count", "?"))),
+        ("context", f"{header.get_int(f'{arch}.context_length', 0):,}"),
+        ("layers", str(header.get(f"{arch}.block_count", int, "?"))),
         ("eos token", token("tokenizer.ggml.eos_token_id")),
         ("eot token", token("tokenizer.ggml.eot_token_id")),
-        ("chat template", get("tokenizer.chat_template") or "none (a base model)"),
+        ("chat template", header.get("tokenizer.chat_template", str) or "none (a base model)"),
     ]

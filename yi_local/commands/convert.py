@@ -31,13 +31,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="quantize to TYPE (repeatable, case-insensitive): " + ", ".join(QUANT_TYPES))
     p.add_argument("--threads", type=int, default=None, help="threads for conversion and quantization "
                    "(default: all cores)")
-    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files (never an input)")
     p.add_argument("--keep-source", action="store_true", help="keep weights downloaded from the hub (default: removed)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from yi_local.errors import YiLocalError
     from yi_local.progress import TerminalProgress
     from yi_local.pull import convert_source
+
+    src = Path(args.src).expanduser()
+    if src.is_file() and src.suffix.lower() != ".gguf":
+        folder = src.parent if src.name == "config.json" else None
+        raise YiLocalError(
+            f"{args.src} is a file, not a model folder or a .gguf",
+            hint=f"give the folder that holds config.json: yi-local convert {folder}" if folder
+            else "give a Hugging Face model folder (the one holding config.json), a .gguf, or a repo id",
+        )
 
     with TerminalProgress() as progress:
         result, freed = convert_source(args.src, out=args.out, outtype=args.outtype, quants=args.quants,

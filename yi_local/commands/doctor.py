@@ -17,7 +17,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
     from importlib.metadata import PackageNotFoundError, version
+
+    from yi_local.errors import YiLocalError
+
+    if args.memory is not None and not (math.isfinite(args.memory) and 0 < args.memory <= 1 << 20):
+        raise YiLocalError(f"--memory is {args.memory:g}; give the GiB to plan for, a positive number",
+                           hint="e.g. --memory 16, or leave it out to use what is free here")  # fmt: skip
+    if args.ctx < 1:
+        raise YiLocalError(f"--ctx is {args.ctx}; it must be at least 1", hint="e.g. --ctx 4096 (the default)")
 
     import psutil
     from rich.console import Console

@@ -43,7 +43,12 @@ def run(args: argparse.Namespace) -> int:
     if prompt is None or prompt == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise YiLocalError("no prompt", hint="give PROMPT as an argument or pipe it on standard input")
-        prompt = sys.stdin.read()
+        data = sys.stdin.buffer.read()
+        try:
+            prompt = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise YiLocalError(f"standard input is not UTF-8 text (byte {e.start:,} is {data[e.start:e.start + 1]!r})",
+                               hint="convert it first, e.g. `iconv -f latin1 -t utf-8 FILE | yi-local run ...`") from None  # fmt: skip
     model, backend_name = resolve_model(args)
     backend = load_backend(model, load_options(args), backend=backend_name)
     info = backend.info

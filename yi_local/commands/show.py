@@ -16,13 +16,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from yi_local.inspect import describe_gguf
     from yi_local.pull import locate_gguf
-    from yi_local.runtime.llama_cpp_backend import check_gguf
     from yi_local.store import list_models
 
     path = locate_gguf(args.name)
-    check_gguf(path)
+    rows = describe_gguf(path)  # checks the file first: a damaged one is named, not described
     stored = next((m for m in list_models() if m.path == path), None)
-    rows = describe_gguf(path)
     if stored is not None:
         rows += [("source", stored.repo), ("revision", stored.revision or "-"), ("sha256", stored.sha256)]
     width = max(len(k) for k, _ in rows)

@@ -25,40 +25,32 @@ from yi_local.runtime.params import LoadOptions, SamplingParams
 logger = logging.getLogger(__name__)
 
 def check_gguf(path: Path) -> None:
-    if not path.is_file():
-        raise YiLocalError(f"{path}: no such model file", hint="give the path of a .gguf file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise YiLocalError(
-            f"{path} is not a GGUF file",
-            hint="convert a Hugging Face model folder first: `yi-local convert FOLDER --q Q4_K_M`",
-        )
+    """Refuse a file llama.cpp would choke on (not a GGUF, truncated, corrupt) with a message saying so."""
+    from yi_local.gguf_header import check_model
+
+    check_model(path)
 
 
 def _read_header(path: Path) -> dict:
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
 
-    reader = GGUFReader(path)
+    from yi_local.gguf_header import read_header
 
-    def get(key, default=None):
-        field = reader.get_field(key)
-        return default if field is None else field.contents()
-
-    arch = get("general.architecture", "llama")
-    file_type = get("general.file_type")
+    header = read_header(path)
+    arch = header.get("general.architecture", str, "llama")
+    file_type = header.get_int("general.file_type")
     try:
         quant = LlamaFileType(file_type).name.replace("MOSTLY_", "").replace("ALL_", "")
     except ValueError:
         quant = f"type {file_type}"
     return {
-        "name": get("general.name") or path.stem,
+        "name": header.get("general.name", str) or path.stem,
         "quantization": quant,
-        "n_layers": int(get(f"{arch}.block_count", 0)),
-        "n_embd": int(get(f"{arch}.embedding_length", 0)),
-        "n_head": int(get(f"{arch}.attention.head_count", 1)),
-        "n_head_kv": int(get(f"{arch}.attention.head_count_kv", 1)),
-        "chat_template": get("tokenizer.chat_template"),
+        "n_layers": header.get_int(f"{arch}.block_count", 0),
+        "n_embd": header.get_int(f"{arch}.embedding_length", 0),
+        "n_head": header.get_int(f"{arch}.attention.head_count", 1),
+        "n_head_kv": header.get_int(f"{arch}.attention.head_count_kv", 1),
+        "chat_template": header.get("tokenizer.chat_template", str),
     }
 
 
