@@ -49,19 +49,27 @@ def run(args: argparse.Namespace) -> int:
         except UnicodeDecodeError as e:
             raise YiLocalError(f"standard input is not UTF-8 text (byte {e.start:,} is {data[e.start:e.start + 1]!r})",
                                hint="convert it first, e.g. `iconv -f latin1 -t utf-8 FILE | yi-local run ...`") from None  # fmt: skip
+    for what, text in (("PROMPT", prompt), ("--system", args.system or "")):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = e.object[e.start : e.end].encode("utf-8", "surrogateescape")
+            raise YiLocalError(f"{what} has bytes that are not UTF-8 ({bad!r})",
+                               hint="give text in UTF-8 (convert it with iconv)") from None  # fmt: skip
+    params = sampling_params(args)  # bad flags fail before a model is resolved or loaded
     model, backend_name = resolve_model(args)
     backend = load_backend(model, load_options(args), backend=backend_name)
     info = backend.info
     print(f"yi-local: {info.name} · {info.quantization} · {info.offload} · ctx {info.n_ctx}", file=sys.stderr)
     if args.raw:
-        tokens = backend.tokenize(prompt, add_bos=backend.add_bos)
+        tokens = backend.text_tokens(prompt)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}
         ]
         tokens = backend.chat_tokens(messages)
     finish = None
-    for event in backend.generate(tokens, sampling_params(args)):
+    for event in backend.generate(tokens, params):
         if isinstance(event, TextDelta):
             sys.stdout.write(event.text)
             sys.stdout.flush()

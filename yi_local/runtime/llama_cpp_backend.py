@@ -87,7 +87,7 @@ class LlamaCppBackend(Backend):
 
             self._progress_cb = _progress  # keep the ctypes callback alive
             mparams.progress_callback = _progress
-        self._model = L.llama_model_load_from_file(str(path).encode(), mparams)
+        self._model = L.llama_model_load_from_file(os.fsencode(path), mparams)
         if not self._model:
             raise YiLocalError(f"llama.cpp could not load {path}", hint="the file may be damaged; convert it again")
 
