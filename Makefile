@@ -34,10 +34,12 @@ test: install
 	$(PY) -m pytest tests
 
 demo: install
-	$(PY) tests/demo.py
+	$(PY) -m tests.demo
 
 # Benchmarks synthesize Yi-6B-shaped models into bench/out (about 9 GB) and build llama.cpp's own
 # tools from the pinned llama-cpp-python sdist into .cache/ for the same-run baselines.
+# The benchmarks build their models with the tests' synthetic checkpoints (tests/, not in the wheel).
+bench: export PYTHONPATH := $(CURDIR)
 bench: install
 	$(PY) bench/convert.py
 	$(PY) bench/decode.py

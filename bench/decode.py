@@ -22,7 +22,7 @@ import time
 from common import llama_tool, machine, measure, table
 from models import yi6b_gguf
 
-from converters.llama_lib import llama_cpp
+from yi_local.llama_lib import llama_cpp
 from yi_local.runtime import Finish, LoadOptions, SamplingParams, load_backend
 
 NO_END = {2: -100.0, 7: -100.0}  # the API's limit: enough to ban a token

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CORPUS, OUT, table
 
 from converters.convert import convert
-from converters.synthetic import TINY, YI_6B, build_checkpoint
+from tests.synthetic import TINY, YI_6B, build_checkpoint
 from yi_local.runtime import Finish, LoadOptions, SamplingParams, load_backend
 
 NO_END = {2: -100.0, 7: -100.0}  # the API's limit: enough to ban a token

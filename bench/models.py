@@ -10,7 +10,7 @@ from pathlib import Path
 
 from common import CORPUS, OUT
 
-from converters.synthetic import YI_6B, build_checkpoint
+from tests.synthetic import YI_6B, build_checkpoint
 
 
 def yi6b_checkpoint(layers: int = 8) -> Path:

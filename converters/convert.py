@@ -16,7 +16,7 @@ from converters.checkpoint import TensorSource, load_tensor_sources
 from converters.gguf_file import verify_gguf, write_gguf
 from converters.hf_config import ModelParams, read_model_params
 from converters.progress import NullProgress, Progress
-from converters.quant_types import AUTO_OUT_TYPE, OUT_TYPES, OutType, QuantType, parse_outtype, parse_quant
+from yi_local.quant_types import AUTO_OUT_TYPE, OUT_TYPES, OutType, QuantType, parse_outtype, parse_quant
 from converters.quantize import quantize_file
 from converters.tensors import plan_tensors
 from converters.vocab import Vocab, read_vocab

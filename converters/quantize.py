@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from converters.llama_lib import llama_cpp as load_llama_cpp
-from converters.quant_types import QuantType
+from yi_local.llama_lib import llama_cpp as load_llama_cpp
+from yi_local.quant_types import QuantType
 from yi_local.atomic import atomic_output
 from yi_local.errors import YiLocalError
 from yi_local.gguf_header import read_header

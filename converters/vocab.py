@@ -17,17 +17,11 @@ from gguf import GGUFWriter, SpecialVocab, TokenType
 from converters.hf_config import read_json
 from yi_local.errors import YiLocalError
 from yi_local.gguf_header import first_duplicate_token
+# Yi's ChatML facts; the chat template is embedded for chat models whose tokenizer_config lacks one.
+from yi_local.runtime.chat_template import IM_END, YI_CHAT_TEMPLATE
 
 MAX_TOKENIZER_BYTES = 256 << 20  # Yi's tokenizer.model is 1 MB, the largest SentencePiece models a few MB
 
-IM_END = "<|im_end|>"
-
-# Yi-34B-Chat's chat template, embedded for chat models whose tokenizer_config lacks one.
-YI_CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from converters.convert import convert
-from converters.synthetic import Dims, build_checkpoint
+from tests.synthetic import Dims, build_checkpoint
 
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "corpus.txt"

@@ -24,7 +24,7 @@ def step(title: str) -> None:
 
 
 def main() -> int:
-    from converters.synthetic import build_checkpoint
+    from tests.synthetic import build_checkpoint
 
     start = time.monotonic()
     shutil.rmtree(OUT, ignore_errors=True)

@@ -21,7 +21,7 @@ from typing import Callable
 
 import pytest
 
-from converters.synthetic import Dims, build_sparse_checkpoint
+from tests.synthetic import Dims, build_sparse_checkpoint
 from tests.conftest import REPO, run_cli
 
 

@@ -13,8 +13,8 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
 from converters.convert import convert
-from converters.quant_types import QUANT_TYPES
-from converters.synthetic import Dims, build_checkpoint
+from yi_local.quant_types import QUANT_TYPES
+from tests.synthetic import Dims, build_checkpoint
 from tests.conftest import CORPUS, REPO, run_cli
 
 # The type llama.cpp gives ffn_gate (the bulk of the weights) at each level: checks that the
@@ -177,7 +177,7 @@ def test_direct_io_and_buffered_writes_give_identical_files(medium_dir, tmp_path
 def test_200k_variant_keeps_its_context_and_rope_base(tmp_path):
     from dataclasses import replace
 
-    from converters.synthetic import TINY
+    from tests.synthetic import TINY
 
     dims = replace(TINY, context=262144, rope_theta=1e7, rms_eps=1e-6)  # Yi-9B-200K's settings
     model = build_checkpoint(tmp_path / "Yi-Tiny-200K", CORPUS, variant="base", dims=dims)

@@ -16,7 +16,7 @@ import sentencepiece as spm
 from gguf import GGUFReader, TokenType
 
 from converters.convert import convert
-from converters.synthetic import SPECIAL_PIECES, build_checkpoint
+from tests.synthetic import SPECIAL_PIECES, build_checkpoint
 from tests.conftest import CORPUS
 
 PLAIN = [

@@ -64,7 +64,7 @@ def _schema_grammars() -> list[str]:
 @pytest.fixture(scope="module")
 def vocab(chat_gguf):
     """llama.cpp's own grammar parser, on the test model's vocabulary."""
-    from converters.llama_lib import llama_cpp
+    from yi_local.llama_lib import llama_cpp
 
     L = llama_cpp()
     params = L.llama_model_default_params()

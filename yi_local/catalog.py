@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from converters.quant_types import QUANT_TYPES, parse_quant
+from yi_local.quant_types import QUANT_TYPES, parse_quant
 from yi_local.errors import YiLocalError
 
 DEFAULT_QUANT = "Q4_K_M"

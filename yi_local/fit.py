@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from converters.quant_types import QUANT_TYPES
+from yi_local.quant_types import QUANT_TYPES
 from yi_local.catalog import CatalogEntry
 
 GIB = 1 << 30
@@ -12,7 +12,7 @@ GIB = 1 << 30
 OVERHEAD_BYTES = 300 << 20
 # Use at most this share of the memory that is free: the system and other programs need the rest.
 HEADROOM = 0.9
-# The levels `doctor` shows (the full list is in converters.quant_types).
+# The levels `doctor` shows (the full list is in yi_local.quant_types).
 DOCTOR_LEVELS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from converters.quant_types import QUANT_TYPES
+from yi_local.quant_types import QUANT_TYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

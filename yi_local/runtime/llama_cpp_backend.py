@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.llama_lib import llama_cpp
+from yi_local.llama_lib import llama_cpp
 from yi_local import hardware
 from yi_local.errors import YiLocalError
 from yi_local.runtime.backend import Backend, GrammarDeadEndError, ModelInfo, PrefillCancelled

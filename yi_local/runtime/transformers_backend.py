@@ -17,7 +17,7 @@ import logging
 import threading
 from pathlib import Path
 
-from converters.vocab import IM_END, YI_CHAT_TEMPLATE
+from yi_local.runtime.chat_template import IM_END, YI_CHAT_TEMPLATE
 from yi_local.errors import YiLocalError
 from yi_local.runtime.backend import Backend, ModelInfo
 from yi_local.runtime.params import LoadOptions, SamplingParams

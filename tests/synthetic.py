@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from converters.vocab import YI_CHAT_TEMPLATE
+from yi_local.runtime.chat_template import YI_CHAT_TEMPLATE
 
 SPECIAL_PIECES = {
     0: "<unk>",
