@@ -58,3 +58,15 @@ def test_run_prompt_too_long(chat_gguf):
     proc = run_cli("run", str(chat_gguf), "word " * 400, "--ctx", "256")
     assert proc.returncode == 1
     assert "but the context holds 256" in proc.stderr and "--ctx" in proc.stderr
+
+
+def test_careless_invocations_get_one_line(chat_gguf, tmp_path):
+    for argv, stdin, needle in [
+        (["run", "", "hi"], None, "MODEL is empty"),
+        (["run", str(chat_gguf)], "", "standard input was empty"),
+        (["run", str(chat_gguf), "--precision", "full", "hi"], None, "is a GGUF"),
+    ]:
+        proc = run_cli(*argv, input=stdin)
+        assert proc.returncode == 1 and needle in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)
+    proc = run_cli("run", str(chat_gguf), "-v", "hi", "--max-tokens", "2", "--ctx", "256")  # -v after the command
+    assert proc.returncode == 0, proc.stderr

@@ -105,8 +105,12 @@ def test_invalid_grammars_fail_both_parsers_with_a_position(vocab, grammar, mess
          + "\n".join(f'r{i} ::= "a"?' for i in range(2100)), "more than 4096 rules"),  # fmt: skip
         ("root ::= " + '"a" ' * 40_000, "the limit is 100,000"),
         ('root ::= "a\x00"', "NUL"),
+        ('root ::= "a"?{2000}', "match nothing"),  # minutes per token in llama.cpp
+        ("root ::= " + '"a"? ' * 20, "match nothing"),
+        ('root ::= "' + "a" * 50_000 + '"{2000}', "expands to more than"),  # 1.9 GB in llama.cpp
     ],
-    ids=["deep", "min-over-max", "long-repetition", "many-rules", "large", "nul"],
+    ids=["deep", "min-over-max", "long-repetition", "many-rules", "large", "nul", "nullable-repeat", "nullable-run",
+         "expansion"],
 )
 def test_hostile_grammars_are_refused_before_llama_cpp(grammar, message):
     with pytest.raises(GrammarError, match=message):

@@ -177,7 +177,7 @@ def test_big_bodies_are_refused_quickly_while_health_answers(server, body):
     assert time.monotonic() - start < 15  # was 119 s for the messages, 21 s for the emoji
     assert slowest < 1.0
     err = error(result["resp"], 400)
-    assert err["code"] == "context_length_exceeded" and "at least" in err["message"]
+    assert err["code"] == "context_length_exceeded" and "2048" in err["message"]
     assert_alive(base, proc)
 
 
@@ -376,7 +376,118 @@ def test_a_model_whose_chat_template_loops_gets_a_clear_error(chat_dir, tmp_path
     with running_server(gguf, "--ctx", "256") as (base, proc):
         start = time.monotonic()
         err = error(post(base, {"messages": MESSAGES}), 400)
-        assert "did not finish rendering" in err["message"] and time.monotonic() - start < 15
+        assert "took longer than" in err["message"] and time.monotonic() - start < 15
         assert httpx.get(f"{base}/health").status_code == 200
         resp = post(base, {"prompt": "plain text still works", "max_tokens": 2}, "/v1/completions")
         assert resp.status_code == 200
+
+
+# -- found by attacking the first version of these fixes -------------------------------------------
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [(b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"9" * 4400 + b"}", None),
+     (json.dumps({"messages": MESSAGES, "logit_bias": {"\u00b2": 1}}).encode(), "logit_bias"),
+     (json.dumps({"messages": MESSAGES, "logit_bias": {"--5": 1}}).encode(), "logit_bias"),
+     (json.dumps({"messages": MESSAGES, "logit_bias": {"9" * 5000: 1}}).encode(), "logit_bias"),
+     (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', None),
+     (b'{"prompt": "a\\ud800b"}', None)],
+    ids=["huge-int", "superscript-key", "dashdash-key", "huge-key", "surrogate-chat", "surrogate-prompt"],
+)  # fmt: skip
+def test_cheap_bodies_that_gave_500_get_400(server, body, param):
+    base, proc = server
+    path = "/v1/completions" if b'"prompt"' in body else "/v1/chat/completions"
+    err = error(post(base, body, path), 400)
+    if param:
+        assert err["param"] == param
+    assert_alive(base, proc)
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [({"grammar": 'root ::= "a"?{2000}'}, "match nothing"),
+     ({"grammar": 'root ::= "' + "a" * 50_000 + '"{2000}'}, "expands to more than"),
+     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "^(a?){1000}$"}}}},
+      "match nothing")],
+    ids=["nullable-repeat", "expansion", "schema-pattern"],
+)  # fmt: skip
+def test_grammars_that_would_take_minutes_per_token_are_refused(server, body, needle):
+    base, proc = server
+    start = time.monotonic()
+    err = error(post(base, {"messages": MESSAGES, "max_tokens": 4, **body}), 400)
+    assert needle in err["message"] and time.monotonic() - start < 10
+    assert_alive(base, proc)
+
+
+def test_a_grammar_that_hangs_llama_cpp_is_stopped_and_the_server_goes_on(server):
+    """Its parse stacks double with every 'a'; llama.cpp runs it in a sandbox child with a time limit."""
+    base, proc = server
+    grammar = 'root ::= x\nx ::= "a" x "b" | "a" x "c" | "a"{30}'
+    start = time.monotonic()
+    for stream in (False, True):
+        resp = post(base, {"messages": MESSAGES, "max_tokens": 40, "temperature": 0, "grammar": grammar, "stream": stream},
+                    timeout=120)  # fmt: skip
+        assert "took longer than" in resp.text, resp.text[-300:]
+    assert time.monotonic() - start < 60
+    assert not httpx.get(f"{base}/health").json()["busy"]
+    assert_alive(base, proc)
+
+
+def test_concurrent_big_bodies_do_not_starve_the_event_loop(server):
+    base, proc = server
+    raw = json.dumps({"messages": [{"role": "user", "content": ""}] * 120_000}).encode()
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(post(base, raw, timeout=120))) for _ in range(12)]
+    for t in threads:
+        t.start()
+    slowest = 0.0
+    while any(t.is_alive() for t in threads):
+        t0 = time.monotonic()
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+        slowest = max(slowest, time.monotonic() - t0)
+        time.sleep(0.05)
+    assert slowest < 2.0
+    assert [r.status_code for r in results] == [400] * 12
+    assert_alive(base, proc)
+
+
+def test_cors_star_allows_any_page(chat_gguf):
+    with running_server(chat_gguf, "--cors-origin", "*", "--ctx", "256") as (base, proc):
+        resp = post(base, {"messages": MESSAGES, "max_tokens": 1}, headers={"origin": "http://any.example"})
+        assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == "*"
+    assert "any web page" in proc.stderr.read()
+
+
+def test_sigterm_during_a_long_generation_ends_replies_and_the_server(medium_gguf):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "yi_local", "serve", str(medium_gguf), "--port", str(port),
+                             "--ctx", "4096", "--threads", "2"], stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        body = {"messages": MESSAGES, "max_tokens": 3000, "logit_bias": NO_EOS}
+        replies: dict = {}
+        plain = threading.Thread(target=lambda: replies.update(plain=post(base, body, timeout=120)))
+        streamed = threading.Thread(target=lambda: replies.update(stream=post(base, {**body, "stream": True}, timeout=120)))
+        plain.start()
+        while not httpx.get(f"{base}/health").json()["busy"]:
+            time.sleep(0.02)
+        streamed.start()
+        time.sleep(0.5)
+        start = time.monotonic()
+        proc.terminate()
+        proc.wait(timeout=30)
+        assert time.monotonic() - start < 10
+        plain.join(30)
+        streamed.join(30)
+        assert replies["plain"].status_code == 200 and replies["plain"].json()["choices"][0]["finish_reason"] == "length"
+        assert replies["stream"].text.rstrip().endswith("data: [DONE]")
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()

@@ -45,6 +45,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         p = commands[name] = sub.add_parser(name, help=help_text, description=cmd.__doc__,
                                             formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         cmd.add_arguments(p)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show library log messages")
         p.set_defaults(run=cmd.run, command=name)
     return parser, commands
 
@@ -74,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     # File names need not be UTF-8: print them back byte for byte, as ls does, instead of failing.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="surrogateescape")
-    args = parse(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = parse(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt as e:  # Ctrl+C while the command modules load
+        return signals.exit_code(e)
     if args is None:
         return 1
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")

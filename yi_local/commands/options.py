@@ -47,8 +47,14 @@ def _gpu_layers(value: str) -> int | str:
 MODEL_HELP = "a .gguf file, a store name (yi:6b-chat[:q5_k_m]), a Hugging Face folder or a hub repo id"
 
 
+def _model(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("MODEL is empty: give a .gguf file, a store name, a folder or a repo id")
+    return text
+
+
 def add_model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("model", metavar="MODEL", type=_model, help=MODEL_HELP)
     p.add_argument("--pull", action="store_true", help="download a MODEL missing from the store without asking")
 
 
@@ -59,7 +65,12 @@ def choose_backend(args: argparse.Namespace) -> str:
     from pathlib import Path
 
     is_gguf = Path(args.model).suffix.lower() == ".gguf"
-    return "transformers" if args.precision == "full" and not is_gguf else "llama.cpp"
+    if args.precision == "full" and is_gguf:
+        from yi_local.errors import YiLocalError
+
+        raise YiLocalError(f"--precision full runs the original weights, but {args.model} is a GGUF",
+                           hint="give the Hugging Face folder or repo id, or leave out --precision full")  # fmt: skip
+    return "transformers" if args.precision == "full" else "llama.cpp"
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[str, str]:

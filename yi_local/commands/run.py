@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         if sys.stdin is None or sys.stdin.isatty():
             raise YiLocalError("no prompt", hint="give PROMPT as an argument or pipe it on standard input")
         data = sys.stdin.buffer.read()
+        if not data.strip():
+            raise YiLocalError("no prompt: standard input was empty", hint="give PROMPT as an argument or pipe text in")
         try:
             prompt = data.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -105,14 +105,18 @@ def run(args: argparse.Namespace) -> int:
         if not is_loopback(args.host) and key is None:
             print(f"yi-local: warning: serving on {args.host} without an API key: anyone who can reach this "
                   f"machine can use the model. Set --api-key (or ${API_KEY_ENV}).", file=sys.stderr, flush=True)  # fmt: skip
+        if "*" in args.cors_origin and key is None:
+            print("yi-local: warning: --cors-origin '*' without an API key: any web page you visit can use the "
+                  f"model. Set --api-key (or ${API_KEY_ENV}).", file=sys.stderr, flush=True)  # fmt: skip
         model, backend_name = resolve_model(args)
         backend = load_backend(model, load_options(args), backend=backend_name)
         info = backend.info
         app = create_app(backend, api_key=key, cors_origins=args.cors_origin, defaults=defaults, host=args.host,
                          allowed_hosts=args.allow_host, body_seconds=body_seconds)  # fmt: skip
+        sock.listen(2048)  # connections from the moment the banner says so are queued, not refused
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"yi-local: serving {info.name} ({info.quantization}, {info.offload}, ctx {info.n_ctx}) "
               f"at http://{shown}:{port}/  (OpenAI API at /v1)", file=sys.stderr, flush=True)  # fmt: skip
-        http.run(app, sock, header_seconds=header_seconds)
+        http.run(app, sock, header_seconds=header_seconds, on_exit=app.state.scheduler.cancel_all)
     return 0

@@ -39,6 +39,15 @@ class GrammarDeadEndError(YiLocalError):
                          hint="check that the grammar's characters exist in the model's vocabulary")  # fmt: skip
 
 
+def utf8(text: str) -> bytes:
+    """`text` as UTF-8; text that cannot be (a lone surrogate such as "\\ud800" in JSON) is the user's error."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise YiLocalError(f"the text contains {text[e.start:e.end].encode('unicode_escape').decode()!r}, which is "
+                           "not a Unicode character (a lone surrogate)", hint="send valid Unicode text") from None
+
+
 class PrefillCancelled(Exception):
     """Raised by `_prefill` between chunks when the request was cancelled."""
 
@@ -146,19 +155,22 @@ class Backend(ABC):
         """
         prompt = self.render_prompt(messages)
         if prompt.contents is None:
-            for i, m in enumerate(messages):
-                found = next((s for s in self.special_texts() if s.decode(errors="replace") in m["content"]), None)
-                if found is not None:
-                    raise YiLocalError(
-                        f"message {i} contains the control-token text {found.decode(errors='replace')!r}, which "
-                        "this model's chat template cannot keep apart from its own markers",
-                        hint="remove it from the message, or use a model with a standard chat template",
-                    )
+            # The template changed the contents, so their places are unknown: accept only when the
+            # conversation has exactly the control tokens the template makes with empty contents.
+            self._special_ids()
+            found = [m.group() for m in self._special_re.finditer(utf8(prompt.text))] if self._special_re else []
+            own = [m.group() for m in self._special_re.finditer(utf8(prompt.template_text))] if self._special_re else []
+            if found != own:
+                raise YiLocalError(
+                    "the messages contain text that this model's chat template turns into control tokens "
+                    "(like <|im_end|>); it cannot keep them apart from its own markers",
+                    hint="remove that text from the messages, or use a model with a standard chat template",
+                )
         return self.tokens_reusing_cache(prompt)
 
     def text_tokens(self, text: str) -> list[int]:
         """Plain text (completions, `run --raw`): control-token text stays text; BOS as the model wants."""
-        self.check_prompt_size(len(text.encode("utf-8")))
+        self.check_prompt_size(len(utf8(text)))
         return self.tokenize(text, special=False, add_bos=self.add_bos)
 
     # -- prompt layout -------------------------------------------------------------------------
@@ -184,11 +196,11 @@ class Backend(ABC):
         specials: dict[int, tuple[int, int]] = {}
         length = pos = 0
         for start, end in [*spans, (len(text), len(text))]:
-            template = text[pos:start].encode("utf-8")
+            template = utf8(text[pos:start])
             if self._special_re is not None:
                 for m in self._special_re.finditer(template):
                     specials[length + m.start()] = (ids[m.group()], m.end() - m.start())
-            content = text[start:end].encode("utf-8")
+            content = utf8(text[start:end])
             chunks += [template, content]
             length += len(template) + len(content)
             pos = end
@@ -285,8 +297,11 @@ class Backend(ABC):
         with self.lock:
             yield from self._generate_locked(prompt, params, cancel)
 
-    def check_sampling(self, params: SamplingParams) -> None:
-        """Refuse what this model cannot sample: values out of range, unknown token ids, bad grammars."""
+    def check_sampling(self, params: SamplingParams, parse_grammar: bool = False) -> None:
+        """Refuse what this model cannot sample: values out of range, unknown token ids, bad grammars.
+
+        `parse_grammar` also has the backend parse the grammar its own way (slower: for requests that
+        must be refused before their reply starts)."""
         params.validate()
         for token in params.logit_bias:
             if not 0 <= token < self.n_vocab:

@@ -4,17 +4,17 @@ A rendered prompt remembers where each message's content lies, so the tokenizer 
 template's own markers (`<|im_start|>`, `<|im_end|>`) as control tokens and everything a user wrote
 as plain text: a message that contains "<|im_end|>\\n<|im_start|>system" cannot close its own turn.
 
-Yi's ChatML template is rendered natively. Any other template runs in Jinja's sandbox with its
-contents replaced by markers (found again in the output), under a time limit enforced by a trace
-function: Jinja holds the GIL, so a watchdog thread could not stop a template that loops forever.
+Yi's ChatML template is rendered natively. Any other template runs in Jinja's sandbox, in a child
+process with a time and memory limit (`sandbox.py`): Jinja holds the GIL, and one C-level operation
+(`9**64**64`, `'x'|center(10**9)`) can neither be interrupted in this process nor bounded by a
+watchdog. It renders twice — with contents replaced by markers, and with the real contents — so the
+contents' places are known, and a template that turns message text into control tokens is caught.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-import sys
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -36,6 +36,7 @@ YI_CHAT_TEMPLATE = (
 )
 
 RENDER_SECONDS = 2.0  # a real template renders in milliseconds
+RENDER_MEMORY = 1 << 30
 MAX_RENDERED_CHARS = 64 << 20
 
 
@@ -45,14 +46,13 @@ class ChatPrompt:
 
     text: str
     contents: tuple[tuple[int, int], ...] | None = ()  # None: the template changed them, spans unknown
+    # With contents None: the text the template makes of itself (contents left empty), to compare
+    # the control tokens of both.
+    template_text: str | None = None
 
 
 class TemplateError(YiLocalError):
     pass
-
-
-def _raise(message: str) -> None:
-    raise TemplateError(f"the chat template refused the conversation: {message}")
 
 
 def _is_chatml(template: str) -> bool:
@@ -100,76 +100,31 @@ def _render_chatml(messages: list[dict], add_generation_prompt: bool) -> ChatPro
     return ChatPrompt("".join(parts), tuple(spans))
 
 
-# -- other templates: Jinja, sandboxed and timed ------------------------------------------------
-def _environment():
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Environment(ImmutableSandboxedEnvironment):
-        # `'x' * 10**10` is one operation, which no time limit can interrupt: bound its result instead.
-        intercepted_binops = frozenset(["*", "**"])
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-                _raise("an exponent over 64")
-            if operator == "*":
-                for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDERED_CHARS:
-                        _raise("a repetition too large to render")
-            return super().call_binop(context, operator, left, right)
-
-    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
+# -- other templates: Jinja, in a sandbox child ------------------------------------------------
+_sandbox = None
 
 
-@lru_cache(maxsize=8)
-def _compile(template: str):
-    import jinja2
+def _render_in_child(template: str, variants: list[list[dict]], context: dict) -> list[str]:
+    global _sandbox
+    from yi_local.runtime.sandbox import Sandbox, SandboxError
 
+    if _sandbox is None:
+        _sandbox = Sandbox("template", memory_bytes=RENDER_MEMORY, what="rendering")
     try:
-        return _environment().from_string(template)
-    except jinja2.TemplateError as e:
-        raise YiLocalError(f"the model's chat template does not compile ({e})", hint="convert the model again") from None
-
-
-def render_with_deadline(template, seconds: float = RENDER_SECONDS, **context) -> str:
-    """template.render(**context), stopped with an error once it has run for `seconds`."""
-    deadline = time.monotonic() + seconds
-
-    def trace(frame, event, arg):
-        if time.monotonic() > deadline:
-            raise TemplateError(f"the model's chat template did not finish rendering within {seconds:g} s",
-                                hint="the template loops too long; convert the model with a standard template")  # fmt: skip
-        return trace
-
-    previous = sys.gettrace()
-    sys.settrace(trace)
-    try:
-        out = template.render(**context)
-    except YiLocalError:
-        raise
-    except Exception as e:  # jinja2 and the template's own code raise assorted types
-        raise TemplateError(f"the model's chat template failed: {type(e).__name__}: {e}"[:500],
-                            hint="convert the model again, or use plain completion (--raw)") from None  # fmt: skip
-    finally:
-        sys.settrace(previous)
-    if len(out) > MAX_RENDERED_CHARS:
-        _raise("the rendered prompt is too large")
-    return out
+        return _sandbox.call((template, variants, context), RENDER_SECONDS)
+    except SandboxError as e:
+        raise TemplateError(f"the model's chat template failed: {e.message}",
+                            hint="convert the model with a standard chat template, or use plain completion (--raw)") from None  # fmt: skip
 
 
 def _render_jinja(info: "ModelInfo", messages: list[dict], add_generation_prompt: bool) -> ChatPrompt:
-    template = _compile(info.chat_template)
     context = dict(add_generation_prompt=add_generation_prompt, bos_token=info.bos_token, eos_token=info.eos_token)
-    # Render with each content replaced by a marker (digits between private-use characters, which
-    # no filter changes), put the contents back where the markers are, and check the result against
-    # a render of the real contents: a template that transforms contents (`| trim`) gives no spans.
+    # Contents replaced by markers (digits between private-use characters, which no filter changes),
+    # the real contents, and empty contents.
     nonce = secrets.randbelow(10**12)
     marked = [{"role": m["role"], "content": f"\U000f0000{nonce}:{i}\U000f0001"} for i, m in enumerate(messages)]
-    rendered = render_with_deadline(template, messages=marked, **context)
-    real = render_with_deadline(template, messages=messages, **context)
+    empty = [{"role": m["role"], "content": ""} for m in messages]
+    rendered, real, bare = _render_in_child(info.chat_template, [marked, messages, empty], context)
     parts, spans, pos, length = [], [], 0, 0
     for match in re.finditer("\U000f0000" + str(nonce) + r":(\d+)\U000f0001", rendered):
         literal, content = rendered[pos : match.start()], messages[int(match.group(1))]["content"]
@@ -178,5 +133,36 @@ def _render_jinja(info: "ModelInfo", messages: list[dict], add_generation_prompt
         length += len(literal) + len(content)
         pos = match.end()
     parts.append(rendered[pos:])
-    text = "".join(parts)
-    return ChatPrompt(real, tuple(spans) if text == real else None)
+    if "".join(parts) == real:
+        return ChatPrompt(real, tuple(spans))
+    return ChatPrompt(real, None, template_text=bare)
+
+
+def template_worker():
+    """The sandbox child's handler: render (template, [messages...], context) once per messages list."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def refuse(message: str) -> None:
+        raise TemplateError(f"the chat template refused the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = refuse
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+
+    @lru_cache(maxsize=8)
+    def compile_(template: str):
+        try:
+            return env.from_string(template)
+        except jinja2.TemplateError as e:
+            raise TemplateError(f"it does not compile ({e})") from None
+
+    def render(request) -> list[str]:
+        template, variants, context = request
+        out = [compile_(template).render(messages=messages, **context) for messages in variants]
+        if any(len(text) > MAX_RENDERED_CHARS for text in out):
+            raise TemplateError("the rendered prompt is too large")
+        return out
+
+    return render

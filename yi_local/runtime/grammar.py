@@ -23,6 +23,12 @@ MAX_BYTES = 100_000
 MAX_DEPTH = 1_000  # nested parentheses
 MAX_RULES = 4_096  # named rules plus the ones groups and repetitions create
 MAX_REPETITION = 2_000  # llama.cpp's MAX_REPETITION_THRESHOLD
+# llama.cpp copies what a repetition repeats: "x"{2000} over a 50 KB literal took 1.9 GB. Elements of
+# the expanded grammar stay below this.
+MAX_ELEMENTS = 1_000_000
+# Items in a row that can each match nothing (`"a"?{2000}`, or `x? x? x? ...`) multiply llama.cpp's
+# parse stacks: each token then takes seconds to minutes. A few in a row are harmless.
+MAX_NULLABLE_REPEAT = 16
 
 _ESCAPES = {"x": 2, "u": 4, "U": 8}
 _SIMPLE_ESCAPES = set('trn\\"[]-')
@@ -41,6 +47,23 @@ class GrammarInfo:
     rules: set[str]
     n_rules: int  # named and synthesized, as llama.cpp will count them
     depth: int
+    elements: int  # of the grammar with its repetitions expanded, as llama.cpp builds it
+
+
+@dataclass
+class _Item:
+    """One item of a sequence: a literal, class, token, rule reference or group, maybe repeated."""
+
+    pos: int
+    size: int = 1  # elements it adds (a literal's characters)
+    ref: str | None = None
+    group: list[list[_Item]] | None = None  # alternatives of sequences
+    low: int = 1
+    high: int | None = 1  # None: unbounded
+
+    @property
+    def copies(self) -> int:
+        return max(self.low, 1) + (1 if self.high is None else self.high - self.low)
 
 
 class _Parser:
@@ -51,13 +74,15 @@ class _Parser:
         self.referenced: dict[str, int] = {}  # name -> position of first use
         self.n_rules = 0
         self.max_depth = 0
+        self.bodies: dict[str, list[list[_Item]]] = {}
 
     # -- errors and positions ----------------------------------------------------------------
-    def fail(self, what: str, pos: int | None = None) -> GrammarError:
+    def fail(self, what: str, pos: int | None = None, refused: bool = False) -> GrammarError:
         pos = self.pos if pos is None else pos
         line = self.src.count("\n", 0, pos) + 1
         col = pos - (self.src.rfind("\n", 0, pos) + 1) + 1
-        return GrammarError(f"the grammar does not parse: {what} at line {line}, column {col}",
+        verdict = "is refused" if refused else "does not parse"
+        return GrammarError(f"the grammar {verdict}: {what} at line {line}, column {col}",
                             hint="check its GBNF syntax (llama.cpp's grammar format); the start rule is `root`")  # fmt: skip
 
     def peek(self, k: int = 0) -> str:
@@ -120,7 +145,40 @@ class _Parser:
         for name, pos in self.referenced.items():
             if name not in self.defined:
                 raise self.fail(f"undefined rule {name!r}", pos)
-        return GrammarInfo(self.defined, self.n_rules, self.max_depth)
+        return GrammarInfo(self.defined, self.n_rules, self.max_depth, self.check_cost())
+
+    def check_cost(self) -> int:
+        """Refuse what would make llama.cpp allocate or compute without bound; return the element count."""
+        nullable_rules: set[str] = set()
+        changed = True
+        while changed:  # which named rules can match nothing (a fixpoint over the references)
+            changed = False
+            for name, body in self.bodies.items():
+                if name not in nullable_rules and _nullable(body, nullable_rules):
+                    nullable_rules.add(name)
+                    changed = True
+        elements = 0
+        todo = list(self.bodies.values())
+        while todo:
+            for sequence in todo.pop():
+                run = 0  # consecutive items that may match nothing
+                for item in sequence:
+                    elements += item.size * item.copies
+                    if item.group is not None:
+                        todo.append(item.group)
+                    if not _item_nullable(item, nullable_rules):
+                        run = 0
+                        continue
+                    inner = _item_nullable(item, nullable_rules, ignore_own=True)
+                    run += (MAX_NULLABLE_REPEAT + 1 if item.high is None else item.copies) if inner else 1
+                    if run > MAX_NULLABLE_REPEAT:
+                        raise self.fail(f"more than {MAX_NULLABLE_REPEAT} items in a row that can each match nothing "
+                                        '(like "a"?{100}), which llama.cpp would take minutes per token to follow',
+                                        item.pos, refused=True)  # fmt: skip
+            if elements > MAX_ELEMENTS:
+                raise GrammarError(f"the grammar expands to more than {MAX_ELEMENTS:,} elements",
+                                   hint="repeat smaller items, or fewer times")  # fmt: skip
+        return elements
 
     def rule(self) -> None:
         name = self.name()
@@ -132,7 +190,7 @@ class _Parser:
         if name not in self.defined:
             self.new_rule()
         self.defined.add(name)
-        self.alternates()
+        self.bodies[name] = self.alternates()
         c = self.peek()
         if c == "\r":
             self.pos += 2 if self.peek(1) == "\n" else 1
@@ -148,64 +206,80 @@ class _Parser:
             raise GrammarError(f"the grammar makes more than {MAX_RULES} rules",
                                hint="simplify it: fewer rules, groups and bounded repetitions")  # fmt: skip
 
-    def alternates(self) -> None:
-        """A rule's body: alternatives of sequences, with groups tracked by a counter, not recursion."""
-        depth = 0
-        has_item = False  # something a repetition operator may follow
+    def alternates(self) -> list[list[_Item]]:
+        """A rule's body: alternatives of sequences, with groups kept on a stack, not by recursion."""
+        stack: list[list[list[_Item]]] = [[[]]]  # the bodies of the enclosing groups
         while True:
+            body = stack[-1]
+            sequence = body[-1]
             c = self.peek()
+            start = self.pos
             if c == '"':
                 self.pos += 1
+                size = 0
                 while self.peek() != '"':
                     self.char()
+                    size += 1
                 self.pos += 1
+                sequence.append(_Item(start, size=size))
             elif c == "[":
                 self.pos += 1
                 if self.peek() == "^":
                     self.pos += 1
+                size = 0
                 while self.peek() != "]":
                     self.char()
+                    size += 1
                     if self.peek() == "-" and self.peek(1) != "]":
                         if not self.peek(1):
                             raise self.fail("unexpected end of input")
                         self.pos += 1
                         self.char()
                 self.pos += 1
+                sequence.append(_Item(start, size=max(size, 1)))
             elif c in ("<", "!"):
                 self.token()
+                sequence.append(_Item(start))
             elif c and _is_word(c):
-                start = self.pos
-                self.referenced.setdefault(self.name(), start)
+                name = self.name()
+                self.referenced.setdefault(name, start)
+                sequence.append(_Item(start, ref=name))
             elif c == "(":
-                depth += 1
-                if depth > MAX_DEPTH:
+                if len(stack) > MAX_DEPTH:
                     raise self.fail(f"parentheses nested more than {MAX_DEPTH} deep")
-                self.max_depth = max(self.max_depth, depth)
                 self.new_rule()
+                group: list[list[_Item]] = [[]]
+                sequence.append(_Item(start, group=group))
+                stack.append(group)
+                self.max_depth = max(self.max_depth, len(stack) - 1)
                 self.pos += 1
                 self.space(True)
-                has_item = False
                 continue
-            elif c == ")" and depth > 0:
-                depth -= 1
+            elif c == ")" and len(stack) > 1:
+                stack.pop()
                 self.pos += 1
             elif c == ".":
                 self.pos += 1
+                sequence.append(_Item(start))
             elif c == "|":
+                body.append([])
                 self.pos += 1
                 self.space(True)
-                has_item = False
                 continue
             elif c in ("*", "+", "?", "{"):
-                if not has_item:
+                if not sequence:
                     raise self.fail(f"expecting an item before {c!r}")
-                self.repetition(depth > 0)
+                low, high = self.repetition(len(stack) > 1)
+                item = sequence[-1]
+                if (item.low, item.high) != (1, 1):  # "a"?{2000}: llama.cpp repeats the rule that ? made
+                    item = _Item(item.pos, group=[[item]])
+                    sequence[-1] = item
+                item.low, item.high = low, high
             else:
-                if depth > 0:
+                if len(stack) > 1:
                     raise self.fail("expecting ')'")
-                return
-            has_item = True
-            self.space(depth > 0)
+                return stack[0]
+            self.space(len(stack) > 1)
 
     def token(self) -> None:
         if self.peek() == "!":
@@ -217,16 +291,16 @@ class _Parser:
             raise self.fail("expecting '>'")
         self.pos = end + 1
 
-    def repetition(self, nested: bool) -> None:
+    def repetition(self, nested: bool) -> tuple[int, int | None]:
         c = self.peek()
         self.pos += 1
         if c != "{":
             self.new_rule()
-            return
+            return {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
         self.space(nested)
         low = self.integer()
         self.space(nested)
-        high = low
+        high: int | None = low
         if self.peek() == ",":
             self.pos += 1
             self.space(nested)
@@ -240,6 +314,22 @@ class _Parser:
         if high is not None and high < low:
             raise self.fail(f"a repetition {{{low},{high}}} whose maximum is below its minimum")
         self.new_rule(max(1, (high if high is not None else 1) - low))
+        return low, high
+
+
+def _item_nullable(item: _Item, nullable_rules: set[str], ignore_own: bool = False) -> bool:
+    if item.low == 0 and not ignore_own:
+        return True
+    if item.ref is not None:
+        return item.ref in nullable_rules
+    if item.group is not None:
+        return _nullable(item.group, nullable_rules)
+    return item.size == 0  # ""
+
+
+def _nullable(body: list[list[_Item]], nullable_rules: set[str]) -> bool:
+    return any(all(_item_nullable(i, nullable_rules) for i in sequence) for sequence in body)
+
 
 
 def check_grammar(src: str) -> GrammarInfo:
@@ -312,7 +402,8 @@ def json_grammar(schema: str | None = None) -> str:
     try:
         grammar = json_schema_to_gbnf(schema)
     except RecursionError:
-        raise GrammarError("the JSON schema is nested too deeply", hint="flatten it") from None
+        raise GrammarError("the JSON schema is too large or nested too deeply to convert",
+                           hint="use fewer properties or less nesting") from None  # fmt: skip
     except Exception as e:  # the converter raises assorted types for schemas it cannot express
         raise GrammarError(f"the JSON schema cannot be turned into a grammar ({type(e).__name__}: {e})"[:300],
                            hint="use the JSON Schema features llama.cpp supports (types, properties, "

@@ -18,11 +18,17 @@ import numpy as np
 from yi_local.llama_lib import llama_cpp
 from yi_local import hardware
 from yi_local.errors import YiLocalError
-from yi_local.runtime.backend import Backend, GrammarDeadEndError, ModelInfo, PrefillCancelled
+from yi_local.runtime.backend import Backend, GrammarDeadEndError, ModelInfo, PrefillCancelled, utf8
+from yi_local.runtime.sandbox import Sandbox
 from yi_local.runtime.offload import plan_offload
 from yi_local.runtime.params import LoadOptions, SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# A real grammar's parse or step takes milliseconds; these stop the ones built to hang llama.cpp.
+GRAMMAR_START_SECONDS = 10.0
+GRAMMAR_STEP_SECONDS = 5.0
+GRAMMAR_MEMORY = 4 << 30
 
 def check_gguf(path: Path) -> None:
     """Refuse a file llama.cpp would choke on (not a GGUF, truncated, corrupt) with a message saying so."""
@@ -106,7 +112,10 @@ class LlamaCppBackend(Backend):
         self._mem = L.llama_get_memory(self._ctx)
         # llama.cpp clamps the batch to the context: a larger chunk would fail its assertion and abort.
         self._n_batch = L.llama_n_batch(self._ctx)
-        self._grammar = None  # a grammar sampler, applied before the chain (see _sample_with_grammar)
+        # Grammars run in sandbox children (see grammar_worker.py): one checks requests' grammars,
+        # one follows the grammar of the reply being generated. Started on first use.
+        self._grammar_boxes: dict[str, Sandbox] = {}
+        self._grammar_mask: np.ndarray | None = None  # tokens the grammar allows next
         self._candidates: np.ndarray | None = None
         self._cache, self._generated = [], []
         self._one = (L.llama_token * 1)()
@@ -136,7 +145,7 @@ class LlamaCppBackend(Backend):
         return self._add_bos
 
     def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
-        data = text.encode("utf-8")
+        data = utf8(text)
         n_max = len(data) + 8
         buf = (self._L.llama_token * n_max)()
         n = self._L.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
@@ -205,32 +214,32 @@ class LlamaCppBackend(Backend):
         self._generated.append(True)
 
     # -- sampling ----------------------------------------------------------------------------
-    def check_sampling(self, params: SamplingParams) -> None:
-        """The shared checks, then llama.cpp's own parse of the grammar (which may still refuse it:
-        left recursion, a <token> that is not one token), so a bad grammar is an error before generation."""
+    def check_sampling(self, params: SamplingParams, parse_grammar: bool = False) -> None:
+        """The shared checks; with `parse_grammar`, llama.cpp's own parse of the grammar too (which may
+        still refuse it: left recursion, a <token> that is not one token), so that a request with a bad
+        grammar is refused before its reply starts."""
         super().check_sampling(params)
-        if params.grammar:
-            self._free(self._init_grammar(params.grammar))
+        if params.grammar and parse_grammar:
+            self._grammar_box("check").call(("check", params.grammar), GRAMMAR_START_SECONDS)
 
-    def _init_grammar(self, text: str):
-        grammar = self._L.llama_sampler_init_grammar(self._vocab, text.encode(), b"root")
-        if not grammar:
-            raise YiLocalError("llama.cpp refused the grammar (see its message with -v: left recursion, an "
-                               "undefined rule or a <token> that is not one token)",
-                               hint="check its GBNF syntax; the start rule is `root`")  # fmt: skip
-        return grammar
+    def _grammar_box(self, role: str) -> Sandbox:
+        box = self._grammar_boxes.get(role)
+        if box is None:
+            box = self._grammar_boxes[role] = Sandbox("grammar", self.info.path, GRAMMAR_MEMORY, what="the grammar")
+        return box
 
-    def _free(self, sampler) -> None:
-        if sampler:
-            self._L.llama_sampler_free(sampler)
+    def _mask(self, packed: bytes) -> np.ndarray:
+        return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=self._n_vocab).astype(bool)
 
     def _begin_sampling(self, params: SamplingParams, prompt: list[int]) -> None:
         L = self._L
         self._free_sampler()
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         self._sampler = chain
+        self._grammar_mask = None
         if params.grammar:
-            self._grammar = self._init_grammar(params.grammar)
+            self._grammar_mask = self._mask(self._grammar_box("generate").call(("start", params.grammar),
+                                                                               GRAMMAR_START_SECONDS))
         if params.logit_bias:
             items = list(params.logit_bias.items())
             arr = (L.llama_logit_bias * len(items))(*[L.llama_logit_bias(token=int(t), bias=float(b)) for t, b in items])
@@ -257,47 +266,49 @@ class LlamaCppBackend(Backend):
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
 
     def _sample(self) -> int:
-        if self._grammar is not None:
+        if self._grammar_mask is not None:
             return self._sample_with_grammar()
         return self._L.llama_sampler_sample(self._sampler, self._ctx, -1)
 
     def _sample_with_grammar(self) -> int:
-        """`llama_sampler_sample`, with the grammar applied first and a dead end caught.
+        """`llama_sampler_sample` with the grammar's mask applied first; a dead end is an error.
 
-        When a grammar admits no token (its next character is one no token can spell), llama.cpp's
-        sampler picks one anyway and its accept throws a C++ exception that ends the process. Here
-        the grammar masks the candidates first; if nothing is left, generation stops with an error.
+        The mask comes from the grammar's sandbox child, which then accepts the sampled token and
+        answers with the next mask. When no token is allowed (the grammar's next character is one no
+        token can spell), llama.cpp's own sampler would pick one anyway and throw through ctypes.
         """
         L = self._L
         n = self._n_vocab
         if self._candidates is None:
             self._candidates = np.zeros(n, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
             self._ids = np.arange(n, dtype=np.int32)
+        if not self._grammar_mask.any():
+            raise GrammarDeadEndError()
         cand = self._candidates
         cand["id"] = self._ids
         cand["logit"] = np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, -1), shape=(n,))
+        cand["logit"][~self._grammar_mask] = -np.inf
         cand["p"] = 0.0
         arr = L.llama_token_data_array(data=cand.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), size=n,
                                        selected=-1, sorted=False)  # fmt: skip
-        L.llama_sampler_apply(self._grammar, ctypes.byref(arr))
-        if not np.isfinite(cand["logit"][: arr.size]).any():
-            raise GrammarDeadEndError()
         L.llama_sampler_apply(self._sampler, ctypes.byref(arr))
         if not 0 <= arr.selected < arr.size:
             raise GrammarDeadEndError()
         token = int(arr.data[arr.selected].id)
-        if not self.is_end_of_generation(token):  # an end token ends the reply; the grammar never sees it
-            L.llama_sampler_accept(self._grammar, token)
         L.llama_sampler_accept(self._sampler, token)
+        if not self.is_end_of_generation(token):  # an end token ends the reply; the grammar never sees it
+            self._grammar_mask = self._mask(self._grammar_box("generate").call(("accept", token), GRAMMAR_STEP_SECONDS))
         return token
 
     def _free_sampler(self) -> None:
-        self._free(self._sampler)
-        self._free(self._grammar)
-        self._sampler = self._grammar = None
+        if self._sampler is not None:
+            self._L.llama_sampler_free(self._sampler)
+        self._sampler, self._grammar_mask = None, None
 
     def close(self) -> None:
         self._free_sampler()
+        for box in self._grammar_boxes.values():
+            box.close()
         if self._ctx:
             self._L.llama_free(self._ctx)
             self._ctx = None

@@ -255,7 +255,7 @@ class TransformersBackend(Backend):
     def n_vocab(self) -> int:
         return int(self.model.config.vocab_size)
 
-    def check_sampling(self, params: SamplingParams) -> None:
+    def check_sampling(self, params: SamplingParams, parse_grammar: bool = False) -> None:
         if params.grammar:
             raise YiLocalError("grammars need the llama.cpp backend (response_format too)",
                                hint="drop the grammar or use --backend llama.cpp")  # fmt: skip

@@ -116,10 +116,11 @@ def create_app(
     app.state.scheduler = scheduler
     app.router.on_shutdown.append(scheduler.close)
     # Outermost last: the guard runs first, then the body limits, then CORS for allowed origins.
+    cors_origins = [o.rstrip("/") for o in cors_origins]
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])  # fmt: skip
     app.add_middleware(RequestLimits, max_bytes=max_body_bytes, body_seconds=body_seconds)
     app.add_middleware(BrowserGuard, policy=HostPolicy(host, allowed_hosts), cors_origins=cors_origins)
@@ -143,10 +144,14 @@ def create_app(
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
 
     # -- helpers -------------------------------------------------------------------------------
+    # Parsing big bodies holds the GIL: two at a time keep the event loop answering everyone else.
+    preparing = asyncio.Semaphore(2)
+
     async def prepare(request: Request, how: Callable[[bytes], Prepared]) -> Prepared:
         check_api_key(request.scope, key)
         raw = await request.body()
-        return await run_in_threadpool(how, raw)
+        async with preparing:
+            return await run_in_threadpool(how, raw)
 
     def start(prepared: Prepared) -> Job:
         try:

@@ -85,11 +85,21 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(app, sock: socket.socket, header_seconds: float = HEADER_SECONDS) -> None:
-    """Serve `app` on the bound socket until Ctrl+C or SIGTERM."""
+def run(app, sock: socket.socket, header_seconds: float = HEADER_SECONDS, on_exit=None) -> None:
+    """Serve `app` on the bound socket until Ctrl+C or SIGTERM; `on_exit` runs as shutdown begins.
+
+    Uvicorn's graceful shutdown waits for requests in flight, so generations must be told to stop
+    first (`on_exit`), or a long reply keeps the server up; 10 s later, what is left is cancelled.
+    """
     import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if on_exit is not None:
+                on_exit()
+            super().handle_exit(sig, frame)
 
     protocol = type("Protocol", (DeadlineH11Protocol,), {"header_seconds": header_seconds})
     config = uvicorn.Config(app, http=protocol, log_level="warning", timeout_keep_alive=5,
-                            limit_concurrency=MAX_CONNECTIONS, server_header=False)  # fmt: skip
-    uvicorn.Server(config).run(sockets=[sock])
+                            limit_concurrency=MAX_CONNECTIONS, server_header=False, timeout_graceful_shutdown=10)  # fmt: skip
+    Server(config).run(sockets=[sock])

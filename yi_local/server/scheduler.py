@@ -55,6 +55,7 @@ class Scheduler:
         self.backend = backend
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.busy = False  # a job is generating right now
+        self._current: Job | None = None
         # llama.cpp walks grammars recursively on this thread: give it room beyond the 8 MB default.
         previous = threading.stack_size(WORKER_STACK_BYTES)
         try:
@@ -75,6 +76,14 @@ class Scheduler:
     def queued(self) -> int:
         return self._jobs.qsize()
 
+    def cancel_all(self) -> None:
+        """Stop the running job at its next token and every queued one (the server is shutting down)."""
+        with self._jobs.mutex:
+            waiting = [job for job in self._jobs.queue if job is not None]
+        for job in [*waiting, self._current]:
+            if job is not None:
+                job.cancel.set()
+
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=10)
@@ -85,12 +94,12 @@ class Scheduler:
                 job.push(Finish("cancelled", Usage(len(job.prompt), 0), Timings(0, 0.0, 0, 0.0, 0.0)))
                 job.push(None)
                 continue
-            self.busy = True
+            self.busy, self._current = True, job
             try:
                 for event in self.backend.generate(job.prompt, job.params, job.cancel):
                     job.push(event)
             except BaseException as e:  # delivered to the request, never kills the worker
                 job.push(e)
             finally:
-                self.busy = False
+                self.busy, self._current = False, None
             job.push(None)

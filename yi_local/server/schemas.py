@@ -9,6 +9,7 @@ Unknown fields are ignored, as most OpenAI-compatible servers do.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
@@ -18,6 +19,7 @@ from yi_local.runtime.grammar import GrammarError, json_grammar
 from yi_local.runtime.params import ParamError
 
 Number = Union[StrictInt, StrictFloat]
+_TOKEN_ID = re.compile(r"-?[0-9]{1,10}")
 
 
 class TextPart(BaseModel):
@@ -94,8 +96,8 @@ class _Common(BaseModel):
     @classmethod
     def _bias(cls, v):
         for key in v or {}:
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+            if not _TOKEN_ID.fullmatch(key):
+                raise ValueError(f"logit_bias keys are token ids, got {key[:20]!r}")
         return v
 
     def refuse_unsupported(self) -> None:

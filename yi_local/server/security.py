@@ -119,7 +119,7 @@ class BrowserGuard:
         if len(origins) != 1:
             return False
         origin = origins[0].decode("latin-1").rstrip("/").lower()
-        if origin in self.origins:
+        if origin in self.origins or "*" in self.origins:
             return True
         same = host.decode("latin-1").lower()
         return origin in (f"http://{same}", f"https://{same}")
