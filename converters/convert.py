@@ -11,17 +11,17 @@ from typing import Sequence
 
 from gguf import GGML_QUANT_VERSION, GGUFWriter
 
-from yi_local.atomic import atomic_output, check_room, check_writable, scratch_file
 from converters.checkpoint import TensorSource, load_tensor_sources
 from converters.gguf_file import verify_gguf, write_gguf
 from converters.hf_config import ModelParams, read_model_params
 from converters.progress import NullProgress, Progress
-from yi_local.quant_types import AUTO_OUT_TYPE, OUT_TYPES, OutType, QuantType, parse_outtype, parse_quant
 from converters.quantize import quantize_file
 from converters.tensors import plan_tensors
 from converters.vocab import Vocab, read_vocab
+from yi_local.atomic import atomic_output, check_room, check_writable, scratch_file
 from yi_local.errors import YiLocalError
-from yi_local.gguf_header import Header, check_model
+from yi_local.gguf_header import Header, check_model, model_meta
+from yi_local.quant_types import AUTO_OUT_TYPE, OUT_TYPES, UNQUANTIZED, OutType, QuantType, parse_outtype, parse_quant
 
 logger = logging.getLogger(__name__)
 
@@ -222,17 +222,11 @@ def requantize(
 
 
 def _check_unquantized(path: Path) -> Header:
-    from gguf import LlamaFileType
-
     header = check_model(path)
-    code = header.get_int("general.file_type", 0)
-    try:
-        file_type = LlamaFileType(code)
-    except ValueError:
-        raise YiLocalError(f"{path.name} has an unknown file type ({code})", hint="give an F32, F16 or BF16 GGUF") from None
-    if file_type not in (LlamaFileType.ALL_F32, LlamaFileType.MOSTLY_F16, LlamaFileType.MOSTLY_BF16):
+    meta = model_meta(header)
+    if meta.file_type not in UNQUANTIZED:
         raise YiLocalError(
-            f"{path.name} is already quantized ({file_type.name.replace('MOSTLY_', '')})",
-            hint="quantize from the Hugging Face folder or an F16/BF16 GGUF: quantizing twice loses quality",
+            f"{path.name} is already quantized ({meta.quantization})",
+            hint="quantize from the Hugging Face folder or an F32/F16/BF16 GGUF: quantizing twice loses quality",
         )
     return header

@@ -16,10 +16,10 @@ import numpy as np
 from gguf import GGUFWriter
 
 from converters.checkpoint import ShardReader
-from yi_local.gguf_header import read_header
 from converters.sink import Sink, open_sink
 from converters.tensors import TensorPlan, convert_rows, permute_rows
 from yi_local.errors import YiLocalError
+from yi_local.gguf_header import read_header
 
 ProgressFn = Callable[[int], None]  # called with the number of source bytes just converted
 

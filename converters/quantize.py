@@ -10,11 +10,13 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from yi_local.llama_lib import llama_cpp as load_llama_cpp
-from yi_local.quant_types import QuantType
+from gguf import Keys
+
 from yi_local.atomic import atomic_output
 from yi_local.errors import YiLocalError
 from yi_local.gguf_header import read_header
+from yi_local.llama_lib import llama_cpp as load_llama_cpp
+from yi_local.quant_types import QuantType
 
 # Bytes of tensor rows llama.cpp keeps in memory at once (its default is 8 GiB): small enough to
 # keep peak RSS below llama-quantize's, large enough not to slow it down.
@@ -83,6 +85,6 @@ def _explain_failure(src: Path, dest: Path, tmp: Path, quant: QuantType, expecte
 
 def _verify(path: Path, quant: QuantType) -> None:
     header = read_header(path)  # also refuses a file whose tensors run past its end
-    file_type = header.get_int("general.file_type")
+    file_type = header.get_int(Keys.General.FILE_TYPE)
     if file_type != int(quant.ftype):
         raise YiLocalError(f"{path.name}: general.file_type is {file_type}, expected {int(quant.ftype)} ({quant.name})")

@@ -17,6 +17,7 @@ from gguf import GGUFWriter, SpecialVocab, TokenType
 from converters.hf_config import read_json
 from yi_local.errors import YiLocalError
 from yi_local.gguf_header import first_duplicate_token
+
 # Yi's ChatML facts; the chat template is embedded for chat models whose tokenizer_config lacks one.
 from yi_local.runtime.chat_template import IM_END, YI_CHAT_TEMPLATE
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import threading
 from typing import Iterator
 
-from yi_local.runtime.chat_template import YI_CHAT_TEMPLATE
 from yi_local.runtime import Event, Finish, SamplingParams, TextDelta, Timings, Usage
 from yi_local.runtime.backend import Backend, ModelInfo
+from yi_local.runtime.chat_template import YI_CHAT_TEMPLATE
 
 
 class ScriptedBackend(Backend):

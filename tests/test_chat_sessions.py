@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import REPO, run_cli
 from tests.test_tui import SIZE, messages, ready, scripted_app, type_and_send, wait_until
 from tui.app import ChatApp
-from tui.session import Session, lock_session, load_session, save_session, sessions_dir
+from tui.session import Session, load_session, lock_session, save_session, sessions_dir
 from tui.widgets.messages import ReplyMessage, UserMessage
 from yi_local.errors import YiLocalError
 from yi_local.locks import Lock

@@ -21,8 +21,8 @@ from typing import Callable
 
 import pytest
 
-from tests.synthetic import Dims, build_sparse_checkpoint
 from tests.conftest import REPO, run_cli
+from tests.synthetic import Dims, build_sparse_checkpoint
 
 
 @dataclass

@@ -13,9 +13,9 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
 from converters.convert import convert
-from yi_local.quant_types import QUANT_TYPES
-from tests.synthetic import Dims, build_checkpoint
 from tests.conftest import CORPUS, REPO, run_cli
+from tests.synthetic import Dims, build_checkpoint
+from yi_local.quant_types import QUANT_TYPES
 
 # The type llama.cpp gives ffn_gate (the bulk of the weights) at each level: checks that the
 # k-quant really was used, not a silent Q4_0/Q5_0/Q8_0 fallback.

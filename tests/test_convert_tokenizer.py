@@ -16,8 +16,8 @@ import sentencepiece as spm
 from gguf import GGUFReader, TokenType
 
 from converters.convert import convert
-from tests.synthetic import SPECIAL_PIECES, build_checkpoint
 from tests.conftest import CORPUS
+from tests.synthetic import SPECIAL_PIECES, build_checkpoint
 
 PLAIN = [
     "Hello world",

@@ -55,8 +55,8 @@ def test_fast_header_reader_agrees_with_gguf_reader(ggufs):
 def test_truncated_gguf_is_refused(ggufs, tmp_path):
     import pytest
 
-    from yi_local.gguf_header import read_header
     from yi_local.errors import YiLocalError
+    from yi_local.gguf_header import read_header
 
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(ggufs["f16"].read_bytes()[:5000])

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from yi_local.quant_types import QUANT_TYPES, parse_quant
 from yi_local.errors import YiLocalError
+from yi_local.quant_types import QUANT_TYPES, parse_quant
 
 DEFAULT_QUANT = "Q4_K_M"
 

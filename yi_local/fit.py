@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from yi_local.quant_types import QUANT_TYPES
 from yi_local.catalog import CatalogEntry
+from yi_local.quant_types import QUANT_TYPES
 
 GIB = 1 << 30
 # Compute buffers and the runtime itself, beside weights and KV cache.

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 
 from yi_local.errors import YiLocalError
 
@@ -259,8 +259,8 @@ class _Parser:
                 raise damaged(self.path, f"its metadata {key} appears twice")
             types[key] = self.value_type(key)
             metadata[key] = self.value(key, types[key])
-        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if "general.alignment" in metadata and types["general.alignment"] != GGUFValueType.UINT32:
+        alignment = metadata.get(Keys.General.ALIGNMENT, DEFAULT_ALIGNMENT)
+        if Keys.General.ALIGNMENT in metadata and types[Keys.General.ALIGNMENT] != GGUFValueType.UINT32:
             raise damaged(self.path, "its metadata general.alignment is not a uint32")
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise damaged(self.path, f"alignment {alignment} is not a power of 2")
@@ -309,17 +309,71 @@ class _Parser:
         return TensorInfo(name, tuple(reversed(dims)), ttype, offset)
 
 
+@dataclass(frozen=True)
+class ModelMeta:
+    """What yi-local needs from a model's header, read through gguf's key names (`gguf.Keys`)."""
+
+    path: Path
+    file_size: int
+    name: str
+    architecture: str
+    file_type: int | None
+    context_length: int
+    n_layers: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    chat_template: str | None
+    eos_id: int | None
+    eot_id: int | None
+    tokens: list[bytes] | None  # when the header was read with them
+    n_params: int
+
+    @property
+    def quantization(self) -> str:
+        from yi_local.quant_types import file_type_name
+
+        return file_type_name(self.file_type)
+
+    def token_text(self, token: int | None) -> str:
+        if token is None:
+            return "-"
+        tokens = self.tokens or []
+        text = tokens[token].decode("utf-8", errors="replace") if 0 <= token < len(tokens) else "?"
+        return f"{text} ({token})"
+
+
+def model_meta(header: Header) -> ModelMeta:
+    arch = header.get(Keys.General.ARCHITECTURE, str, "llama")
+
+    def hparam(key: str, default: int) -> int:
+        value = header.get_int(key.format(arch=arch), default)
+        return default if value is None else value
+
+    n_head = hparam(Keys.Attention.HEAD_COUNT, 1)
+    tokens = header.metadata.get(Keys.Tokenizer.LIST)
+    return ModelMeta(
+        path=header.path, file_size=header.file_size, name=header.get(Keys.General.NAME, str) or header.path.stem,
+        architecture=arch, file_type=header.get_int(Keys.General.FILE_TYPE),
+        context_length=hparam(Keys.LLM.CONTEXT_LENGTH, 0), n_layers=hparam(Keys.LLM.BLOCK_COUNT, 0),
+        n_embd=hparam(Keys.LLM.EMBEDDING_LENGTH, 0), n_head=n_head, n_head_kv=hparam(Keys.Attention.HEAD_COUNT_KV, n_head),
+        chat_template=header.get(Keys.Tokenizer.CHAT_TEMPLATE, str), eos_id=header.get_int(Keys.Tokenizer.EOS_ID),
+        eot_id=header.get_int(Keys.Tokenizer.EOT_ID), tokens=tokens if isinstance(tokens, list) else None,
+        n_params=sum(math.prod(t.shape) for t in header.tensors),
+    )  # fmt: skip
+
+
 # llama.cpp asserts (aborts the process) rather than refusing on these, so they are checked first.
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
 
 
 def check_model(path: str | os.PathLike[str]) -> Header:
     """`read_header` plus what llama.cpp would abort on rather than refuse: run before it loads `path`."""
-    header = read_header(path, load_arrays=("tokenizer.ggml.tokens",))
-    arch = header.get("general.architecture", str, "")
+    header = read_header(path, load_arrays=(Keys.Tokenizer.LIST,))
+    arch = header.get(Keys.General.ARCHITECTURE, str, "")
     if arch == "llama":
         _check_llama_hparams(header)
-    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    tokens = header.metadata.get(Keys.Tokenizer.LIST)
     if isinstance(tokens, list):
         twins = first_duplicate_token(tokens)
         if twins is not None:
@@ -344,20 +398,21 @@ def first_duplicate_token(tokens: list[bytes]) -> tuple[int, int, bytes] | None:
 
 def _check_llama_hparams(header: Header) -> None:
     def positive(key: str, limit: int = 1 << 31) -> int:
-        value = header.get_int(f"llama.{key}")
+        key = key.format(arch="llama")
+        value = header.get_int(key)
         if value is None or not 0 < value <= limit:
-            raise damaged(header.path, f"llama.{key} is {value}")
+            raise damaged(header.path, f"{key} is {value}")
         return value
 
-    positive("block_count", MAX_LAYERS)
-    positive("context_length")
-    positive("feed_forward_length")
-    embd = positive("embedding_length")
-    heads = positive("attention.head_count")
-    kv_heads = header.get_int("llama.attention.head_count_kv", heads)
+    positive(Keys.LLM.BLOCK_COUNT, MAX_LAYERS)
+    positive(Keys.LLM.CONTEXT_LENGTH)
+    positive(Keys.LLM.FEED_FORWARD_LENGTH)
+    embd = positive(Keys.LLM.EMBEDDING_LENGTH)
+    heads = positive(Keys.Attention.HEAD_COUNT)
+    kv_heads = header.get_int(Keys.Attention.HEAD_COUNT_KV.format(arch="llama"), heads)
     if embd % heads or not kv_heads or kv_heads < 0 or heads % kv_heads:
         raise damaged(header.path, f"{heads} heads ({kv_heads} key/value heads) do not divide {embd} embeddings")
-    for key in ("attention.layer_norm_rms_epsilon", "rope.freq_base"):
-        value = header.get(f"llama.{key}", float, 1.0)
+    for key in (Keys.Attention.LAYERNORM_RMS_EPS.format(arch="llama"), Keys.Rope.FREQ_BASE.format(arch="llama")):
+        value = header.get(key, float, 1.0)
         if not (math.isfinite(value) and value > 0):  # type: ignore[arg-type]
-            raise damaged(header.path, f"llama.{key} is {value}")
+            raise damaged(header.path, f"{key} is {value}")

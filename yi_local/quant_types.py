@@ -82,3 +82,19 @@ def parse_outtype(name: str) -> OutType | None:
             hint="choose one of: auto, " + ", ".join(o.lower() for o in OUT_TYPES),
         )
     return out
+
+
+def file_type_name(code: int | None) -> str:
+    """The name of a GGUF's general.file_type: Q4_K_M, F16, ... (one table for every reader)."""
+    for table in (QUANT_TYPES, OUT_TYPES):
+        for entry in table.values():
+            if int(entry.ftype) == code:
+                return entry.name
+    try:
+        name = LlamaFileType(code).name  # a level yi-local does not make, e.g. IQ2_XS
+    except (ValueError, TypeError):
+        return "unknown" if code is None else f"type {code}"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+UNQUANTIZED = frozenset(int(o.ftype) for o in OUT_TYPES.values() if o.name != "Q8_0")  # F32, F16, BF16

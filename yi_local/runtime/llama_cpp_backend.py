@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from yi_local.llama_lib import llama_cpp
 from yi_local import hardware
 from yi_local.errors import YiLocalError
+from yi_local.gguf_header import check_model, model_meta
+from yi_local.llama_lib import llama_cpp
 from yi_local.runtime.backend import Backend, GrammarDeadEndError, ModelInfo, PrefillCancelled, utf8
-from yi_local.runtime.sandbox import Sandbox
 from yi_local.runtime.offload import plan_offload
 from yi_local.runtime.params import LoadOptions, SamplingParams
+from yi_local.runtime.sandbox import Sandbox
 
 logger = logging.getLogger(__name__)
 
@@ -30,54 +31,23 @@ GRAMMAR_START_SECONDS = 10.0
 GRAMMAR_STEP_SECONDS = 5.0
 GRAMMAR_MEMORY = 4 << 30
 
-def check_gguf(path: Path) -> None:
-    """Refuse a file llama.cpp would choke on (not a GGUF, truncated, corrupt) with a message saying so."""
-    from yi_local.gguf_header import check_model
-
-    check_model(path)
-
-
-def _read_header(path: Path) -> dict:
-    from gguf import LlamaFileType
-
-    from yi_local.gguf_header import read_header
-
-    header = read_header(path)
-    arch = header.get("general.architecture", str, "llama")
-    file_type = header.get_int("general.file_type")
-    try:
-        quant = LlamaFileType(file_type).name.replace("MOSTLY_", "").replace("ALL_", "")
-    except ValueError:
-        quant = f"type {file_type}"
-    return {
-        "name": header.get("general.name", str) or path.stem,
-        "quantization": quant,
-        "n_layers": header.get_int(f"{arch}.block_count", 0),
-        "n_embd": header.get_int(f"{arch}.embedding_length", 0),
-        "n_head": header.get_int(f"{arch}.attention.head_count", 1),
-        "n_head_kv": header.get_int(f"{arch}.attention.head_count_kv", 1),
-        "chat_template": header.get("tokenizer.chat_template", str),
-    }
-
-
 class LlamaCppBackend(Backend):
     def __init__(self, model: str | os.PathLike[str], options: LoadOptions | None = None):
         options = options or LoadOptions()
         path = Path(model)
-        check_gguf(path)
+        meta = model_meta(check_model(path))  # a damaged file is named here, before llama.cpp sees it
         L = self._L = llama_cpp()
         self.lock = threading.Lock()
         self._pieces = {}
         self._specials: frozenset[bytes] | None = None
         self._sampler = None
         self._ctx = self._model = None
-        header = _read_header(path)
 
         gpu = hardware.llama_gpu_kind()
         n_ctx_hint = options.n_ctx or 4096
-        head_dim = header["n_embd"] // max(1, header["n_head"])
-        kv_bytes = header["n_layers"] * n_ctx_hint * header["n_head_kv"] * head_dim * 2 * 2
-        plan = plan_offload(options.n_gpu_layers, path.stat().st_size, header["n_layers"], kv_bytes,
+        head_dim = meta.n_embd // max(1, meta.n_head)
+        kv_bytes = meta.n_layers * n_ctx_hint * meta.n_head_kv * head_dim * 2 * 2
+        plan = plan_offload(options.n_gpu_layers, meta.file_size, meta.n_layers, kv_bytes,
                             gpu, hardware.gpu_free_bytes(gpu))  # fmt: skip
         logger.info("offload: %s", plan.description)
 
@@ -122,15 +92,15 @@ class LlamaCppBackend(Backend):
         self._add_bos = bool(L.llama_vocab_get_add_bos(self._vocab))
         bos, eos = L.llama_vocab_bos(self._vocab), L.llama_vocab_eos(self._vocab)
         self.info = ModelInfo(
-            name=header["name"],
+            name=meta.name,
             path=str(path),
-            quantization=header["quantization"],
+            quantization=meta.quantization,
             n_ctx=L.llama_n_ctx(self._ctx),
             n_ctx_train=n_train,
-            n_layers=header["n_layers"],
+            n_layers=meta.n_layers,
             offload=plan.description,
             backend="llama.cpp",
-            chat_template=header["chat_template"],
+            chat_template=meta.chat_template,
             bos_token=self.token_bytes(bos, special=True).decode(errors="replace") if bos >= 0 else "",
             eos_token=self.token_bytes(eos, special=True).decode(errors="replace") if eos >= 0 else "",
         )

@@ -17,9 +17,9 @@ import logging
 import threading
 from pathlib import Path
 
-from yi_local.runtime.chat_template import IM_END, YI_CHAT_TEMPLATE
 from yi_local.errors import YiLocalError
 from yi_local.runtime.backend import Backend, ModelInfo
+from yi_local.runtime.chat_template import IM_END, YI_CHAT_TEMPLATE
 from yi_local.runtime.params import LoadOptions, SamplingParams
 
 INSTALL_HINT = "install it with `pip install 'yi-local[cuda]'` (torch and accelerate)"
@@ -276,7 +276,6 @@ class TransformersBackend(Backend):
         self._generator.manual_seed(params.seed32 if params.seed is not None else torch.seed() & 0xFFFFFFFF)
 
     def _sample(self) -> int:
-        torch = self._torch
         p = self._params
         logits = self._logits
         if self._bias is not None:

@@ -17,7 +17,6 @@ from yi_local.errors import YiLocalError
 from yi_local.runtime import Event, Finish, SamplingParams, Timings, Usage
 from yi_local.runtime.backend import Backend
 
-
 WORKER_STACK_BYTES = 64 << 20
 
 
