@@ -70,3 +70,18 @@ def test_unknown_name_suggests_catalog_names():
     with pytest.raises(YiLocalError) as err:
         parse_name("yi:7b")
     assert "yi:6b" in err.value.hint
+
+
+def test_quant_table_ids_are_llama_cpps():
+    """quant_types holds llama.cpp's ftype ids as plain numbers (so --help need not load gguf)."""
+    from gguf import GGMLQuantizationType, LlamaFileType
+
+    from yi_local.quant_types import OUT_TYPES, QUANT_TYPES, file_type_name
+
+    for q in QUANT_TYPES.values():
+        assert q.ftype == LlamaFileType[f"MOSTLY_{q.name}"], q.name
+        assert file_type_name(q.ftype) == q.name
+    for o in OUT_TYPES.values():
+        assert o.ftype == LlamaFileType[("ALL_" if o.name == "F32" else "MOSTLY_") + o.name], o.name
+        assert o.tensor_type == GGMLQuantizationType[o.name]
+    assert file_type_name(int(LlamaFileType.MOSTLY_IQ2_XS)) == "IQ2_XS" and file_type_name(None) == "unknown"

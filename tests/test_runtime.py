@@ -62,7 +62,7 @@ def test_logit_bias_forcing_im_end_stops_with_no_text(backend):
     prompt = backend.chat_tokens([{"role": "user", "content": "Hi"}])
     text, ids, finish = collect(backend.generate(prompt, SamplingParams(max_tokens=20, logit_bias={7: 100.0})))
     assert (text, ids, finish.reason, finish.stop_text) == ("", [], "stop", "<|im_end|>")
-    assert finish.usage.completion_tokens == 0 and finish.timings.generated_tokens == 1
+    assert finish.usage.completion_tokens == 0 and finish.timings.sampled_tokens == 1
 
 
 def test_max_tokens_gives_length(backend):
@@ -94,7 +94,7 @@ def test_kv_cache_is_reused_across_turns(backend):
     _, _, finish = collect(backend.generate(second, SamplingParams(max_tokens=2, **GREEDY)))
     common = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b) if first != second[: len(first)] else len(first)
     assert finish.usage.cached_tokens >= common - 1 > 0
-    assert finish.timings.prompt_tokens == len(second) - finish.usage.cached_tokens
+    assert finish.timings.evaluated_tokens == len(second) - finish.usage.cached_tokens
 
 
 def test_reuse_gives_the_same_tokens_as_a_fresh_cache(chat_gguf, backend):
@@ -195,7 +195,7 @@ def test_chat_turns_keep_the_generated_reply_tokens(backend):
     _, _, finish = collect(backend.generate(prompt2, SamplingParams(max_tokens=1, temperature=0)))
     assert finish.usage.cached_tokens == len(prompt1) + 11
     new_part = backend.tokenize("<|im_end|>\n<|im_start|>user\nand more<|im_end|>\n<|im_start|>assistant\n", special=True)
-    assert finish.timings.prompt_tokens <= len(new_part) + 1
+    assert finish.timings.evaluated_tokens <= len(new_part) + 1
 
 
 def test_an_unrelated_cache_never_changes_tokenization(backend):

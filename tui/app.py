@@ -20,13 +20,14 @@ from textual.widgets import Footer, ProgressBar, Static
 
 from tui.commands import COMMANDS, matches, parse
 from tui.screens.help import HelpScreen
-from tui.session import LIMITS, Session, check_setting, list_sessions, load_session, lock_session, save_session
+from tui.session import Session, check_setting, list_sessions, load_session, lock_session, save_session
 from tui.widgets.messages import ChatLog, NoticeMessage, ReplyMessage, UserMessage
 from tui.widgets.prompt import PromptInput
 from tui.widgets.status import StatusBar
 from yi_local.errors import YiLocalError
 from yi_local.locks import Lock
 from yi_local.runtime import Finish, SamplingParams, TextDelta
+from yi_local.runtime.params import SAMPLING_LIMITS
 from yi_local.runtime.backend import Backend, ContextOverflowError
 
 Loader = Callable[[Callable[[float], None]], Backend]  # called with a progress callback (0..1)
@@ -244,11 +245,11 @@ class ChatApp(App[None]):
         if not arg:
             self.notify(f"{field} is {getattr(settings, field)}")
             return
-        kind, low, high = LIMITS[field]
+        limit = SAMPLING_LIMITS[field]
         try:
-            value = check_setting(field, kind(arg))
+            value = check_setting(field, (int if limit.integer else float)(arg))
         except ValueError:
-            raise YiLocalError(f"/{field} needs a number between {low} and {high}, not {arg[:40]!r}") from None
+            raise YiLocalError(f"/{field} needs {limit.describe()}, not {arg[:40]!r}") from None
         setattr(settings, field, value)
         self.notify(f"{field} set to {value}")
 

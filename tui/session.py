@@ -8,7 +8,6 @@ its lock, and a second one is told which process has it.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,22 +17,21 @@ from yi_local.errors import YiLocalError
 from yi_local.locks import Lock
 from yi_local.paths import home
 from yi_local.runtime import SamplingParams
+from yi_local.runtime.params import CHAT_MAX_TOKENS, SAMPLING_LIMITS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # The settings a session keeps: type and allowed range, shared by the file check and the slash commands.
-LIMITS: dict[str, tuple[type, float, float]] = {
-    "temperature": (float, 0.0, 2.0),
-    "top_p": (float, 0.01, 1.0),
-    "max_tokens": (int, 1, 1 << 20),
-}
+# The sampling settings a chat keeps with its session; defaults and ranges are the runtime's.
+SETTINGS = ("temperature", "top_p", "max_tokens")
+_DEFAULTS = SamplingParams()
 
 
 @dataclass
 class Settings:
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_tokens: int = 1024
+    temperature: float = _DEFAULTS.temperature
+    top_p: float = _DEFAULTS.top_p
+    max_tokens: int = CHAT_MAX_TOKENS
 
     def sampling(self, base: SamplingParams | None = None) -> SamplingParams:
         params = base or SamplingParams()
@@ -43,13 +41,10 @@ class Settings:
 
 def check_setting(name: str, value) -> float | int:
     """`value` for the setting `name` if it has the right type and range; ValueError saying what is wrong."""
-    kind, low, high = LIMITS[name]
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or kind is int and not isinstance(value, int):
-        raise ValueError(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {_shown(value)}")
-    if isinstance(value, float) and not math.isfinite(value) or not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, not {_shown(value)}")
-    return kind(value)
+    limit = SAMPLING_LIMITS[name]  # the runtime's ranges
+    if not limit.contains(value):
+        raise ValueError(f"{name} must be {limit.describe()}, not {_shown(value)}")
+    return value if limit.integer else float(value)
 
 
 @dataclass
@@ -101,7 +96,7 @@ class Session:
         if system is not None:
             _expect(system, str, "'system'")
         settings = _expect(data.get("settings", {}), dict, "'settings'")
-        _no_unknown_keys(settings, set(LIMITS), "settings")
+        _no_unknown_keys(settings, set(SETTINGS), "settings")
         checked = {name: check_setting(name, value) for name, value in settings.items()}
         return cls(messages=[{"role": m["role"], "content": m["content"]} for m in messages], system=system,
                    settings=Settings(**checked))  # fmt: skip

@@ -1,10 +1,12 @@
-"""GGUF output and quantization types as data: names, llama.cpp ftype ids, bits per weight."""
+"""GGUF output and quantization types as data: names, llama.cpp ftype ids, bits per weight.
+
+Plain numbers (llama.cpp's `llama_ftype`, the same as gguf's `LlamaFileType`, which a test checks), so
+that `yi-local --help` does not load gguf and numpy to list the levels.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from gguf import GGMLQuantizationType, LlamaFileType
 
 from yi_local.errors import YiLocalError
 
@@ -12,7 +14,7 @@ from yi_local.errors import YiLocalError
 @dataclass(frozen=True)
 class QuantType:
     name: str
-    ftype: LlamaFileType
+    ftype: int  # general.file_type
     bits_per_weight: float  # on Llama-2-7B, from llama.cpp's quantize table
 
 
@@ -20,20 +22,20 @@ class QuantType:
 QUANT_TYPES: dict[str, QuantType] = {
     q.name: q
     for q in (
-        QuantType("Q2_K", LlamaFileType.MOSTLY_Q2_K, 3.35),
-        QuantType("Q3_K_S", LlamaFileType.MOSTLY_Q3_K_S, 3.50),
-        QuantType("Q3_K_M", LlamaFileType.MOSTLY_Q3_K_M, 3.91),
-        QuantType("Q3_K_L", LlamaFileType.MOSTLY_Q3_K_L, 4.27),
-        QuantType("Q4_0", LlamaFileType.MOSTLY_Q4_0, 4.50),
-        QuantType("Q4_1", LlamaFileType.MOSTLY_Q4_1, 5.00),
-        QuantType("Q4_K_S", LlamaFileType.MOSTLY_Q4_K_S, 4.58),
-        QuantType("Q4_K_M", LlamaFileType.MOSTLY_Q4_K_M, 4.84),
-        QuantType("Q5_0", LlamaFileType.MOSTLY_Q5_0, 5.50),
-        QuantType("Q5_1", LlamaFileType.MOSTLY_Q5_1, 6.00),
-        QuantType("Q5_K_S", LlamaFileType.MOSTLY_Q5_K_S, 5.52),
-        QuantType("Q5_K_M", LlamaFileType.MOSTLY_Q5_K_M, 5.68),
-        QuantType("Q6_K", LlamaFileType.MOSTLY_Q6_K, 6.56),
-        QuantType("Q8_0", LlamaFileType.MOSTLY_Q8_0, 8.50),
+        QuantType("Q2_K", 10, 3.35),
+        QuantType("Q3_K_S", 11, 3.50),
+        QuantType("Q3_K_M", 12, 3.91),
+        QuantType("Q3_K_L", 13, 4.27),
+        QuantType("Q4_0", 2, 4.50),
+        QuantType("Q4_1", 3, 5.00),
+        QuantType("Q4_K_S", 14, 4.58),
+        QuantType("Q4_K_M", 15, 4.84),
+        QuantType("Q5_0", 8, 5.50),
+        QuantType("Q5_1", 9, 6.00),
+        QuantType("Q5_K_S", 16, 5.52),
+        QuantType("Q5_K_M", 17, 5.68),
+        QuantType("Q6_K", 18, 6.56),
+        QuantType("Q8_0", 7, 8.50),
     )
 }
 
@@ -43,17 +45,23 @@ class OutType:
     """An unquantized (or numpy-quantized) GGUF the converter writes itself."""
 
     name: str
-    ftype: LlamaFileType
-    tensor_type: GGMLQuantizationType
+    ftype: int
+
+    @property
+    def tensor_type(self):
+        """The ggml type of its weight tensors (gguf's GGMLQuantizationType)."""
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType[self.name]
 
 
 OUT_TYPES: dict[str, OutType] = {
     o.name: o
     for o in (
-        OutType("F32", LlamaFileType.ALL_F32, GGMLQuantizationType.F32),
-        OutType("F16", LlamaFileType.MOSTLY_F16, GGMLQuantizationType.F16),
-        OutType("BF16", LlamaFileType.MOSTLY_BF16, GGMLQuantizationType.BF16),
-        OutType("Q8_0", LlamaFileType.MOSTLY_Q8_0, GGMLQuantizationType.Q8_0),
+        OutType("F32", 0),
+        OutType("F16", 1),
+        OutType("BF16", 32),
+        OutType("Q8_0", 7),
     )
 }
 
@@ -90,6 +98,8 @@ def file_type_name(code: int | None) -> str:
         for entry in table.values():
             if int(entry.ftype) == code:
                 return entry.name
+    from gguf import LlamaFileType
+
     try:
         name = LlamaFileType(code).name  # a level yi-local does not make, e.g. IQ2_XS
     except (ValueError, TypeError):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from yi_local.runtime.params import CHAT_MAX_TOKENS
+
 from yi_local.commands.options import (
     add_model_arg,
     add_runtime_args,
@@ -30,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session", default=None, metavar="NAME",
                    help="resume the saved session NAME (or start it), saving after every reply")  # fmt: skip
     add_runtime_args(p)
-    add_sampling_args(p, max_tokens=1024)
+    add_sampling_args(p, max_tokens=CHAT_MAX_TOKENS)
 
 
 def _session(args: argparse.Namespace, base):

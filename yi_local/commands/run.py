@@ -80,6 +80,6 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     if finish is not None and args.verbose_timings:
         t = finish.timings
-        print(f"[{finish.reason}] prompt {t.prompt_tokens} tok at {t.prompt_tps:.1f} tok/s, "
-              f"generated {t.generated_tokens} tok at {t.generate_tps:.1f} tok/s", file=sys.stderr)  # fmt: skip
+        print(f"[{finish.reason}] prompt {t.evaluated_tokens} tok at {t.prompt_tps:.1f} tok/s, "
+              f"generated {t.sampled_tokens} tok at {t.generate_tps:.1f} tok/s", file=sys.stderr)  # fmt: skip
     return 0

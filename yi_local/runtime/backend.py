@@ -288,14 +288,23 @@ class Backend(ABC):
     def generate(
         self, prompt: list[int], params: SamplingParams, cancel: threading.Event | None = None
     ) -> Iterator[Event]:
-        """Stream the continuation of `prompt`. Holds `self.lock` while it runs."""
+        """Stream the continuation of `prompt`; holds `self.lock` while the stream runs.
+
+        Bad input raises here, when called, not at the stream's first step."""
+        self.check_prompt(prompt)
+        self.check_sampling(params)
+        return self._locked(prompt, params, cancel)
+
+    def _locked(self, prompt: list[int], params: SamplingParams, cancel: threading.Event | None) -> Iterator[Event]:
+        with self.lock:
+            yield from self._generate_locked(prompt, params, cancel)
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        """A prompt can be continued: not empty, and with room for at least one token in the context."""
         if not prompt:
             raise YiLocalError("the prompt is empty", hint="give some text to continue")
         if len(prompt) >= self.info.n_ctx:
             raise ContextOverflowError(len(prompt), self.info.n_ctx)
-        self.check_sampling(params)
-        with self.lock:
-            yield from self._generate_locked(prompt, params, cancel)
 
     def check_sampling(self, params: SamplingParams, parse_grammar: bool = False) -> None:
         """Refuse what this model cannot sample: values out of range, unknown token ids, bad grammars.
@@ -356,9 +365,9 @@ class Backend(ABC):
             reason=reason,  # type: ignore[arg-type]
             usage=Usage(prompt_tokens=len(prompt), completion_tokens=n_gen, cached_tokens=cached),
             timings=Timings(
-                prompt_tokens=len(prompt) - cached,
+                evaluated_tokens=len(prompt) - cached,
                 prompt_s=t_prompt - t0,
-                generated_tokens=n_sampled,
+                sampled_tokens=n_sampled,
                 generate_s=t_end - t_prompt,
                 first_token_s=t_first,
             ),

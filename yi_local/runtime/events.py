@@ -29,19 +29,22 @@ class Usage:
 
 @dataclass(frozen=True)
 class Timings:
-    prompt_tokens: int  # tokens actually evaluated (prompt minus cached)
+    """Speeds. Counts here are work done, unlike `Usage`: tokens evaluated (the prompt minus what the
+    KV cache held) and tokens sampled (the reply's, plus an end-of-turn token that ended it)."""
+
+    evaluated_tokens: int
     prompt_s: float
-    generated_tokens: int
+    sampled_tokens: int
     generate_s: float
     first_token_s: float  # from the call to the first sampled token
 
     @property
     def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
+        return self.evaluated_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
 
     @property
     def generate_tps(self) -> float:
-        return self.generated_tokens / self.generate_s if self.generate_s > 0 else 0.0
+        return self.sampled_tokens / self.generate_s if self.generate_s > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ LOAD_LIMITS: dict[str, Limit] = {
 }
 
 LOGIT_BIAS_LIMIT = Limit(-100.0, 100.0)
+CHAT_MAX_TOKENS = 1024  # the chat's default reply length: longer than `run`'s
 MAX_STOPS, MAX_STOP_CHARS, MAX_LOGIT_BIAS = 16, 512, 1024
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from yi_local.errors import YiLocalError
 from yi_local.runtime import SamplingParams
-from yi_local.runtime.backend import Backend, ContextOverflowError
+from yi_local.runtime.backend import Backend
 from yi_local.server.errors import APIError, from_user_error
 from yi_local.server.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -78,10 +78,10 @@ class Preparer:
         return info.name
 
     def _finish(self, body, prompt: list[int], params: SamplingParams, prompt_param: str) -> Prepared:
-        if not prompt:
-            raise APIError(400, "the prompt is empty: give some text to continue", param=prompt_param)
-        if len(prompt) >= self.backend.info.n_ctx:
-            raise from_user_error(ContextOverflowError(len(prompt), self.backend.info.n_ctx), prompt_param)
+        try:
+            self.backend.check_prompt(prompt)
+        except YiLocalError as e:
+            raise from_user_error(e, prompt_param) from None
         return Prepared(body, self._model(body.model), prompt, params)
 
     def chat(self, raw: bytes) -> Prepared:
