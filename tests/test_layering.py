@@ -16,7 +16,7 @@ PACKAGES = ("yi_local", "converters", "tui")
 LAYER_OF = [
     ("yi_local.cli", "commands"), ("yi_local.__main__", "commands"), ("yi_local.commands", "commands"),
     ("yi_local.progress", "commands"), ("yi_local.signals", "commands"),
-    ("yi_local.pull", "pull"),
+    ("yi_local.pull", "pull"), ("yi_local.resolve", "pull"), ("yi_local.conversion", "pull"),
     ("yi_local.server", "server"), ("converters", "converters"), ("tui", "tui"),
     ("yi_local", "core"),
 ]  # fmt: skip

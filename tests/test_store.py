@@ -219,7 +219,7 @@ def test_stored_model_runs_and_chats_with_the_network_blocked(hub, no_network):
 async def test_chat_on_a_stored_model_with_the_network_blocked(hub, no_network):
     proc = run_cli("pull", REPO_ID, env=online(hub))  # runs in a subprocess: unaffected by the fixture
     assert proc.returncode == 0, proc.stderr
-    from yi_local.pull import resolve_gguf
+    from yi_local.resolve import resolve_gguf
 
     app = ChatApp(lambda progress: load_backend(str(resolve_gguf(REPO_ID)), LoadOptions(n_ctx=256, n_threads=2)),
                   session=Session(settings=Settings(temperature=0, max_tokens=4)))  # fmt: skip

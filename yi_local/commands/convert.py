@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from yi_local.errors import YiLocalError
     from yi_local.progress import TerminalProgress
-    from yi_local.pull import convert_source
+    from yi_local.conversion import convert_source
 
     src = Path(args.src).expanduser()
     if src.is_file() and src.suffix.lower() != ".gguf":

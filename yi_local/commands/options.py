@@ -79,7 +79,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str]:
     A missing model is pulled with --pull, or after asking on a terminal.
     """
     from yi_local.progress import TerminalProgress
-    from yi_local.pull import resolve_gguf, resolve_hf_folder
+    from yi_local.resolve import resolve_gguf, resolve_hf_folder
 
     def confirm(question: str) -> bool:
         from yi_local.commands.confirm import confirm as ask

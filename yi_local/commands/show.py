@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from yi_local.gguf_summary import describe_gguf
-    from yi_local.pull import locate_gguf
+    from yi_local.resolve import locate_gguf
     from yi_local.store import list_models
 
     path = locate_gguf(args.name)
