@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,9 +21,6 @@ from yi_local.atomic import atomic_output, check_room, check_writable, scratch_f
 from yi_local.errors import YiLocalError
 from yi_local.gguf_header import Header, check_model, model_meta
 from yi_local.quant_types import AUTO_OUT_TYPE, OUT_TYPES, UNQUANTIZED, OutType, QuantType, parse_outtype, parse_quant
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass
 class ConvertResult:

@@ -48,7 +48,6 @@ class ModelParams:
     context_length: int
     rope_theta: float
     rms_norm_eps: float
-    torch_dtype: str | None
     tie_word_embeddings: bool
 
     @property
@@ -173,7 +172,6 @@ def read_model_params(model_dir: Path) -> ModelParams:
                          "embeddings need an even one")  # fmt: skip
     if heads % kv_heads:
         raise fields.bad("num_key_value_heads", f"({kv_heads}) does not divide num_attention_heads ({heads})")
-    dtype = fields.optional("torch_dtype", str) or fields.optional("dtype", str)
     return ModelParams(
         architecture=architecture,
         hidden_size=hidden,
@@ -185,6 +183,5 @@ def read_model_params(model_dir: Path) -> ModelParams:
         context_length=fields.positive_int("max_position_embeddings", 4096),
         rope_theta=fields.positive_float("rope_theta", 10000.0, FLOAT32_MAX),
         rms_norm_eps=fields.positive_float("rms_norm_eps", 1e-6, 1.0),
-        torch_dtype=dtype,
         tie_word_embeddings=bool(fields.optional("tie_word_embeddings", bool, False)),
     )

@@ -14,7 +14,7 @@ class Task(Protocol):
 
 
 class Progress(Protocol):
-    def task(self, label: str, total: int, unit: str = "B") -> Task: ...
+    def task(self, label: str, total: int) -> Task: ...
 
 
 class _NullTask:
@@ -29,5 +29,5 @@ class _NullTask:
 
 
 class NullProgress:
-    def task(self, label: str, total: int, unit: str = "B") -> Task:
+    def task(self, label: str, total: int) -> Task:
         return _NullTask()

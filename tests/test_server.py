@@ -42,8 +42,19 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 
 def test_binds_loopback_and_says_so(server):
+    """The banner names the address, and the only listening socket is on 127.0.0.1 (so no other address
+    of this machine reaches it), read from the kernel's socket table for the server's process."""
+    import psutil
+
     base, proc = server
-    assert base.startswith("http://127.0.0.1:")
+    port = int(base.rsplit(":", 1)[1])
+    lines = iter(proc.stderr.readline, "")
+    banner = next(line for line in lines if line.startswith("yi-local: serving"))  # llama.cpp may warn first
+    assert banner.strip() == (
+        f"yi-local: serving Yi-Tiny-chat (Q8_0, CPU, ctx 8192) at http://127.0.0.1:{port}/  (OpenAI API at /v1)"
+    )
+    listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == "LISTEN"]
+    assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", port)]
     assert httpx.get(f"{base}/health").json()["status"] == "ok"
 
 

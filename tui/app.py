@@ -57,7 +57,6 @@ class ChatApp(App[None]):
         self.backend: Backend | None = None
         self.load_error: YiLocalError | None = None
         self.cancel: threading.Event | None = None  # set while a reply is generating
-        self.context_used = 0
 
     # -- layout ------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -132,7 +131,6 @@ class ChatApp(App[None]):
                     "Commands still work: /help, /sessions, /quit.", kind="error")  # fmt: skip
 
     def _update_context(self, used: int) -> None:
-        self.context_used = used
         if self.backend is not None:
             self.status.context = f"ctx {used}/{self.backend.info.n_ctx}"
 

@@ -53,5 +53,5 @@ class TerminalProgress:
     def __exit__(self, *exc: object) -> None:
         self._bars.stop()
 
-    def task(self, label: str, total: int, unit: str = "B") -> _RichTask:
+    def task(self, label: str, total: int) -> _RichTask:
         return _RichTask(self._bars, self._bars.add_task(label, total=total))

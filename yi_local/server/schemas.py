@@ -28,13 +28,13 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    # "developer" is OpenAI's newer name for the system role.
-    role: Literal["system", "developer", "user", "assistant"]
+    role: StrictStr  # checked with the conversation by the runtime (chat_template.check_messages)
     content: Union[StrictStr, list[TextPart]]
     name: StrictStr | None = None
 
     def as_dict(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        # "developer" is OpenAI's newer name for the system role.
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
