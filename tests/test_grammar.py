@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
+from yi_local.errors import YiLocalError
 from yi_local.runtime import LoadOptions, SamplingParams, TextDelta, load_backend
 from yi_local.runtime.backend import GrammarDeadEndError
 from yi_local.runtime.grammar import MAX_DEPTH, GrammarError, check_grammar
@@ -164,3 +165,51 @@ def test_grammar_constrains_sampled_output_with_penalties(backend):
     text = "".join(e.text for e in backend.generate(backend.tokenize("digits"), params) if isinstance(e, TextDelta))
     head, _, tail = text.partition("-")
     assert len(head) == 3 and head.isdigit() and tail and tail.isalpha() and tail.islower(), text
+
+
+def test_a_grammar_child_that_dies_mid_reply_ends_the_reply(chat_gguf):
+    """Killed between tokens (OOM killer, an admin), its replacement would know no grammar: the reply
+    must end with an error rather than go on unconstrained."""
+    import os
+    import signal
+
+    from yi_local.runtime.sandbox import SandboxError
+
+    backend = load_backend(str(chat_gguf), LoadOptions(n_ctx=256, n_threads=2))
+    params = SamplingParams(max_tokens=60, temperature=1.0, seed=1, grammar="root ::= [a-z ]+",
+                            logit_bias={2: -100.0, 7: -100.0})  # fmt: skip
+    events = backend.generate(backend.tokenize("hi"), params)
+    text = next(events).text
+    os.kill(backend._grammar_box("generate")._proc.pid, signal.SIGKILL)
+    with pytest.raises(SandboxError, match="ended"):
+        for event in events:
+            text += getattr(event, "text", "")
+    assert set(text) <= set("abcdefghijklmnopqrstuvwxyz ")
+    text = "".join(e.text for e in backend.generate(backend.tokenize("hi"), params) if isinstance(e, TextDelta))
+    assert text and set(text) <= set("abcdefghijklmnopqrstuvwxyz ")  # a new reply gets a new child
+
+
+def test_the_grammar_child_reads_the_loaded_file_even_if_the_path_changes(chat_gguf, tmp_path):
+    import shutil
+
+    path = tmp_path / "model.gguf"
+    shutil.copy(chat_gguf, path)
+    backend = load_backend(str(path), LoadOptions(n_ctx=256, n_threads=2))
+    path.unlink()  # a re-pull or convert --force replaces the file; here it is simply gone
+    params = SamplingParams(max_tokens=5, temperature=0, grammar='root ::= "a"{5}')
+    assert "".join(e.text for e in backend.generate(backend.tokenize("hi"), params) if isinstance(e, TextDelta)) == "aaaaa"
+
+
+def test_a_reply_whose_grammar_steps_add_up_is_stopped(backend, monkeypatch):
+    """Each step under the 5 s limit, but thousands of them would hold the generation for most of an
+    hour: a reply's grammar work has a budget (here made small, with a grammar of slow steps)."""
+    from yi_local.runtime import llama_cpp_backend
+
+    monkeypatch.setattr(llama_cpp_backend, "GRAMMAR_REPLY_SECONDS", 0.3)
+    k, r = 300, 2000  # alternatives that all stay open, over a wide character class
+    char_class = "[" + "".join(chr(0x4E00 + i) for i in range(r)) + "\\x01-\\U0010FFFF]"
+    grammar = ("root ::= " + "|".join(f"a{i}" for i in range(k)) + f"\nc ::= {char_class}\n"
+               + "".join(f"a{i} ::= c a{i}\n" for i in range(k)))  # fmt: skip
+    params = SamplingParams(max_tokens=2000, temperature=0, grammar=grammar, logit_bias={2: -100.0, 7: -100.0})
+    with pytest.raises(YiLocalError, match="took more than 0.3 s of work in this reply"):
+        list(backend.generate(backend.tokenize("hi"), params))

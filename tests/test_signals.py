@@ -128,3 +128,18 @@ def test_an_ignored_sighup_stays_ignored():
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def test_a_refused_rerun_still_removes_a_killed_runs_temporaries(medium_dir, tmp_path):
+    """After a SIGKILL, the rerun without --force is refused (an output is there) but cleans up anyway."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{medium_dir.name}-Q4_K_M.gguf").write_bytes(b"an earlier result")
+    proc = start_convert(medium_dir, out, "--q", "Q8_0", "--q", "Q4_K_M", "--force")
+    wait_for(proc, out, TEMP_SUFFIX)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert any(p.name.endswith(TEMP_SUFFIX) for p in out.iterdir())
+    proc = run_cli("convert", str(medium_dir), "-o", str(out), "--q", "Q4_K_M")
+    assert proc.returncode == 1 and "already exists" in proc.stderr
+    assert not any(p.name.endswith((TEMP_SUFFIX, TEMP_DIR_SUFFIX)) for p in out.iterdir())

@@ -170,3 +170,23 @@ def test_concurrent_manifest_updates_lose_nothing(chat_gguf, tmp_path):
     barrier.touch()
     assert [p.wait(timeout=60) for p in procs] == [0] * len(quants)
     assert sorted(m.quant for m in store.list_models()) == sorted(quants)
+
+
+def test_a_manifest_in_other_letter_case_cannot_take_a_catalog_name(tmp_path, chat_gguf, caplog):
+    """01-AI/Yi-6B-Chat has its own folder (its slug differs in case), but the catalog name belongs to
+    the catalog's spelling, the only one pulls write."""
+    import json
+    import shutil
+
+    from yi_local import store
+
+    for repo in ("01-ai/Yi-6B-Chat", "01-AI/Yi-6B-Chat"):
+        folder = store.models_dir() / store.slug(repo)
+        folder.mkdir(parents=True)
+        shutil.copy(chat_gguf, folder / "m-Q4_K_M.gguf")
+        (folder / "manifest.json").write_text(json.dumps(
+            {"repo": repo, "context": 4096, "files": {"Q4_K_M": {"file": "m-Q4_K_M.gguf"}}}))  # fmt: skip
+    models = store.list_models()
+    assert [(m.name, m.repo) for m in models] == [("yi:6b-chat", "01-ai/Yi-6B-Chat")]
+    assert store.find("01-ai/Yi-6B-Chat", "Q4_K_M").path.parent.name == "01-ai--Yi-6B-Chat"
+    assert "other letter case" in caplog.text

@@ -33,7 +33,10 @@ _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def check_writable(final: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
-    """Refuse to write `final` over a file that exists (without `force`), a special file, or an input."""
+    """Refuse to write `final` over a file that exists (without `force`), a special file, or an input.
+
+    Temporaries that killed runs left in its folder are removed first, even when the write is refused."""
+    remove_stale(final.parent)
     try:
         st = os.stat(final)
     except FileNotFoundError:

@@ -152,6 +152,9 @@ def _models_in(folder: Path, manifest) -> list[StoredModel]:
         repo = _expect(manifest.get("repo", ...), str, "'repo'")
         if slug(repo) != folder.name:
             raise _Bad(f"a manifest for {repo[:200]!r} outside that model's folder ({slug(repo)[:200]})")
+        entry = BY_REPO.get(repo.lower())
+        if entry is not None and entry.repo != repo:  # pulls write the catalog's spelling: one folder per model
+            raise _Bad(f"a manifest for {repo[:200]!r}, the catalog's {entry.repo} in other letter case")
         files = _expect(manifest.get("files", ...), dict, "'files'")
         context = _expect(manifest.get("context", ...), int, "'context'")
         chat = _expect(manifest.get("chat", False), bool, "'chat'")

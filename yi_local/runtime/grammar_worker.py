@@ -1,6 +1,7 @@
 """llama.cpp's grammar engine, in the sandbox child: which tokens a grammar allows next.
 
-The child loads only the model's vocabulary. `start` parses a grammar and answers with the mask of
+The child loads only the model's vocabulary, from the file the parent has open (so a file replaced or
+removed on disk since cannot give the child another vocabulary). `start` parses a grammar and answers with the mask of
 tokens allowed first; `accept` feeds the sampled token and answers with the next mask; `check` parses
 and frees. Masks travel as packed bits (8 KB for Yi's 64,000 tokens). The parent applies a mask to its
 logits, so the model and its KV cache never leave the parent, and a grammar that hangs llama.cpp or
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -58,16 +60,19 @@ def grammar_worker(gguf_path: str) -> Callable[[Any], Any]:
 
     def handle(request):
         op = request[0]
+        start = time.perf_counter()
         if op == "check":
             L.llama_sampler_free(init(request[1]))
             return None
         if op == "start":
             free()
             state["grammar"] = init(request[1])
-            return mask()
+            return mask(), n, time.perf_counter() - start
         if op == "accept":
+            if not state["grammar"]:
+                raise YiLocalError("no grammar is being followed")
             L.llama_sampler_accept(state["grammar"], int(request[1]))
-            return mask()
+            return mask(), n, time.perf_counter() - start
         if op == "stop":
             free()
             return None

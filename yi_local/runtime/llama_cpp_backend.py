@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 # A real grammar's parse or step takes milliseconds; these stop the ones built to hang llama.cpp.
 GRAMMAR_START_SECONDS = 10.0
 GRAMMAR_STEP_SECONDS = 5.0
+GRAMMAR_REPLY_SECONDS = 30.0  # in all, for one reply: slow steps under the step limit add up
 GRAMMAR_MEMORY = 4 << 30
 
 class LlamaCppBackend(Backend):
@@ -36,6 +37,8 @@ class LlamaCppBackend(Backend):
         options = options or LoadOptions()
         path = Path(model)
         meta = model_meta(check_model(path))  # a damaged file is named here, before llama.cpp sees it
+        # Held open for the grammar children, which must read the vocabulary of this very file.
+        self._model_fd: int | None = os.open(path, os.O_RDONLY)
         L = self._L = llama_cpp()
         self.lock = threading.Lock()
         self._pieces = {}
@@ -63,7 +66,8 @@ class LlamaCppBackend(Backend):
 
             self._progress_cb = _progress  # keep the ctypes callback alive
             mparams.progress_callback = _progress
-        self._model = L.llama_model_load_from_file(os.fsencode(path), mparams)
+        # through the descriptor: the file whose header was just checked, whatever happens to the path
+        self._model = L.llama_model_load_from_file(os.fsencode(f"/dev/fd/{self._model_fd}"), mparams)
         if not self._model:
             raise YiLocalError(f"llama.cpp could not load {path}", hint="the file may be damaged; convert it again")
 
@@ -86,6 +90,8 @@ class LlamaCppBackend(Backend):
         # one follows the grammar of the reply being generated. Started on first use.
         self._grammar_boxes: dict[str, Sandbox] = {}
         self._grammar_mask: np.ndarray | None = None  # tokens the grammar allows next
+        self._grammar_child = 0  # the sandbox child following this reply's grammar
+        self._grammar_seconds = 0.0  # its work so far in this reply
         self._candidates: np.ndarray | None = None
         self._cache, self._generated = [], []
         self._one = (L.llama_token * 1)()
@@ -195,11 +201,21 @@ class LlamaCppBackend(Backend):
     def _grammar_box(self, role: str) -> Sandbox:
         box = self._grammar_boxes.get(role)
         if box is None:
-            box = self._grammar_boxes[role] = Sandbox("grammar", self.info.path, GRAMMAR_MEMORY, what="the grammar")
+            box = self._grammar_boxes[role] = Sandbox("grammar", f"/dev/fd/{self._model_fd}", GRAMMAR_MEMORY,
+                                                      what="the grammar", pass_fds=(self._model_fd,))  # fmt: skip
         return box
 
-    def _mask(self, packed: bytes) -> np.ndarray:
-        return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=self._n_vocab).astype(bool)
+    def _grammar_step(self, answer) -> None:
+        """Take the child's answer (mask, vocabulary size, seconds it worked) for the next token."""
+        packed, n_vocab, seconds = answer
+        if n_vocab != self._n_vocab:
+            raise YiLocalError(f"the grammar process read a vocabulary of {n_vocab} tokens, the model has {self._n_vocab}",
+                               hint="restart yi-local")  # fmt: skip
+        self._grammar_seconds += seconds
+        if self._grammar_seconds > GRAMMAR_REPLY_SECONDS:
+            raise YiLocalError(f"the grammar took more than {GRAMMAR_REPLY_SECONDS:g} s of work in this reply and was "
+                               "stopped", hint="simplify it: fewer alternatives that stay open at once")  # fmt: skip
+        self._grammar_mask = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=n_vocab).astype(bool)
 
     def _begin_sampling(self, params: SamplingParams, prompt: list[int]) -> None:
         L = self._L
@@ -208,8 +224,11 @@ class LlamaCppBackend(Backend):
         self._sampler = chain
         self._grammar_mask = None
         if params.grammar:
-            self._grammar_mask = self._mask(self._grammar_box("generate").call(("start", params.grammar),
-                                                                               GRAMMAR_START_SECONDS))
+            box = self._grammar_box("generate")
+            box.drain(GRAMMAR_STEP_SECONDS)  # the previous reply's last step, if it ended before using it
+            self._grammar_seconds = 0.0
+            self._grammar_step(box.call(("start", params.grammar), GRAMMAR_START_SECONDS))
+            self._grammar_child = box.child
         if params.logit_bias:
             items = list(params.logit_bias.items())
             arr = (L.llama_logit_bias * len(items))(*[L.llama_logit_bias(token=int(t), bias=float(b)) for t, b in items])
@@ -249,6 +268,9 @@ class LlamaCppBackend(Backend):
         """
         L = self._L
         n = self._n_vocab
+        box = self._grammar_box("generate")
+        if box.pending:  # the child worked on this step while the last token was evaluated
+            self._grammar_step(box.receive(GRAMMAR_STEP_SECONDS))
         if self._candidates is None:
             self._candidates = np.zeros(n, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
             self._ids = np.arange(n, dtype=np.int32)
@@ -267,7 +289,7 @@ class LlamaCppBackend(Backend):
         token = int(arr.data[arr.selected].id)
         L.llama_sampler_accept(self._sampler, token)
         if not self.is_end_of_generation(token):  # an end token ends the reply; the grammar never sees it
-            self._grammar_mask = self._mask(self._grammar_box("generate").call(("accept", token), GRAMMAR_STEP_SECONDS))
+            box.send(("accept", token), same_child=self._grammar_child)  # answered while the token is evaluated
         return token
 
     def _free_sampler(self) -> None:
@@ -279,6 +301,9 @@ class LlamaCppBackend(Backend):
         self._free_sampler()
         for box in self._grammar_boxes.values():
             box.close()
+        if self._model_fd is not None:
+            os.close(self._model_fd)
+            self._model_fd = None
         if self._ctx:
             self._L.llama_free(self._ctx)
             self._ctx = None

@@ -48,40 +48,74 @@ def _handlers(kind: str, arg: str) -> Callable[[Any], Any]:
 class Sandbox:
     """A child process for `kind` work; `call` sends one request and waits at most `timeout` seconds."""
 
-    def __init__(self, kind: str, arg: str = "", memory_bytes: int = 2 << 30, what: str = "the work"):
-        self.kind, self.arg, self.memory_bytes, self.what = kind, arg, memory_bytes, what
+    def __init__(self, kind: str, arg: str = "", memory_bytes: int = 2 << 30, what: str = "the work",
+                 pass_fds: tuple[int, ...] = ()):  # fmt: skip
+        self.kind, self.arg, self.memory_bytes, self.what, self.pass_fds = kind, arg, memory_bytes, what, pass_fds
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        self.child = 0  # counts the children started: work that keeps state in one child checks it
+        self.pending = False  # a request was sent and its answer not yet read
 
     def _start(self) -> subprocess.Popen:
         env = {**os.environ, "YI_LOCAL_SANDBOX_MEMORY": str(self.memory_bytes), "PYTHONUNBUFFERED": "1"}
+        self.child += 1
         return subprocess.Popen([sys.executable, "-m", "yi_local.runtime.sandbox", self.kind, self.arg],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                env=env, start_new_session=True)  # fmt: skip
+                                env=env, start_new_session=True, pass_fds=self.pass_fds)  # fmt: skip
 
-    def call(self, request: Any, timeout: float) -> Any:
+    def call(self, request: Any, timeout: float, same_child: int | None = None) -> Any:
         """The child's answer to `request`; SandboxError when it fails, dies or runs out of time."""
+        self.send(request, same_child)
+        return self.receive(timeout)
+
+    def send(self, request: Any, same_child: int | None = None) -> None:
+        """Send `request` without waiting for the answer (read it with `receive`). With `same_child`,
+        the request needs the state of that child: if it ended meanwhile, fail instead of starting anew."""
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
+            if self.pending:
+                raise SandboxError(f"{self.what}: an answer is still pending")
+            alive = self._proc is not None and self._proc.poll() is None
+            if same_child is not None and (not alive or same_child != self.child):
+                self._kill()
+                raise SandboxError(f"{self.what} could not go on: the process following it ended")
+            if not alive:
                 self._proc = self._start()
-            proc = self._proc
-            deadline = time.monotonic() + timeout
             try:
                 data = pickle.dumps(request)
-                proc.stdin.write(_HEADER.pack(len(data)) + data)  # type: ignore[union-attr]
-                proc.stdin.flush()  # type: ignore[union-attr]
-                header = self._read(proc, _HEADER.size, deadline)
-                status, value = pickle.loads(self._read(proc, _HEADER.unpack(header)[0], deadline))
-            except (BrokenPipeError, EOFError, OSError, TimeoutError) as e:
+                self._proc.stdin.write(_HEADER.pack(len(data)) + data)  # type: ignore[union-attr]
+                self._proc.stdin.flush()  # type: ignore[union-attr]
+            except OSError:
+                self._kill()
+                raise SandboxError(f"{self.what} could not go on: the process following it ended") from None
+            self.pending = True
+
+    def receive(self, timeout: float) -> Any:
+        with self._lock:
+            if not self.pending or self._proc is None:
+                raise SandboxError(f"{self.what}: no answer is pending")
+            self.pending = False
+            deadline = time.monotonic() + timeout
+            try:
+                header = self._read(self._proc, _HEADER.size, deadline)
+                status, value = pickle.loads(self._read(self._proc, _HEADER.unpack(header)[0], deadline))
+            except (EOFError, OSError, TimeoutError) as e:
                 self._kill()
                 if isinstance(e, TimeoutError):
                     raise SandboxError(f"{self.what} took longer than {timeout:g} s and was stopped",
                                        hint="simplify it") from None  # fmt: skip
-                raise SandboxError(f"{self.what} failed: the process evaluating it ended "
-                                   "(out of memory, or llama.cpp refused it)", hint="simplify it") from None  # fmt: skip
+                raise SandboxError(f"{self.what} failed: the process evaluating it ended (out of memory)",
+                                   hint="simplify it") from None  # fmt: skip
         if status == "error":
             raise SandboxError(value, hint=None)
         return value
+
+    def drain(self, timeout: float) -> None:
+        """Read and drop an answer still pending (a reply ended before its grammar's next step was used)."""
+        if self.pending:
+            try:
+                self.receive(timeout)
+            except SandboxError:
+                pass
 
     @staticmethod
     def _read(proc: subprocess.Popen, n: int, deadline: float) -> bytes:
@@ -106,6 +140,7 @@ class Sandbox:
             except (OSError, subprocess.TimeoutExpired):
                 pass
             self._proc = None
+        self.pending = False
 
     def close(self) -> None:
         with self._lock:
