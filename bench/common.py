@@ -7,6 +7,7 @@ built under the ignored `.cache/` folder; nothing of them is committed.
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ CACHE = REPO / ".cache"
 OUT = REPO / "bench" / "out"
 CORPUS = REPO / "tests" / "data" / "corpus.txt"
 TOOLS = ("llama-quantize", "llama-bench")
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 def llama_cpp_source() -> Path:
@@ -39,9 +41,12 @@ def llama_tool(name: str) -> Path:
     if not exe.is_file():
         src = llama_cpp_source()
         print(f"building llama.cpp's {', '.join(TOOLS)} in {build} (a few minutes, once)", flush=True)
+        # The same flags as llama-cpp-python's build in the Makefile: no AMX kernels on x86-64 (they die
+        # with SIGILL on some virtual machines), so the baseline runs the same kernels as yi-local.
+        no_amx = ["-DCMAKE_C_FLAGS=" + NO_AMX, "-DCMAKE_CXX_FLAGS=" + NO_AMX] if platform.machine() in ("x86_64", "AMD64") else []
         subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                         "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                        "-DBUILD_SHARED_LIBS=OFF"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+                        "-DBUILD_SHARED_LIBS=OFF", *no_amx], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
         subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TOOLS],
                        check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     return exe
