@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 from tests.server_helpers import free_port, running_server
 from yi_local.runtime import LoadOptions, SamplingParams, TextDelta, load_backend
 
@@ -330,23 +328,10 @@ def test_port_in_use_and_bad_host_fail_fast(chat_gguf):
 
 
 def test_sigterm_stops_the_server_cleanly(chat_gguf):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "yi_local", "serve", str(chat_gguf), "--port", str(port), "--ctx", "256"],
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+    with running_server(chat_gguf, "--ctx", "256") as (_, proc):
         proc.terminate()
         proc.wait(timeout=20)  # uvicorn shuts down gracefully, then ends with the signal it caught
         assert "Traceback" not in proc.stderr.read()
-    finally:
-        proc.kill()
 
 
 def test_openai_client_end_to_end_with_every_sampling_field(server, reference):
@@ -458,19 +443,7 @@ def test_cors_star_allows_any_page(chat_gguf):
 
 
 def test_sigterm_during_a_long_generation_ends_replies_and_the_server(medium_gguf):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "yi_local", "serve", str(medium_gguf), "--port", str(port),
-                             "--ctx", "4096", "--threads", "2"], stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+    with running_server(medium_gguf, "--ctx", "4096") as (base, proc):
         body = {"messages": MESSAGES, "max_tokens": 3000, "logit_bias": NO_EOS}
         replies: dict = {}
         plain = threading.Thread(target=lambda: replies.update(plain=post(base, body, timeout=120)))
@@ -489,5 +462,3 @@ def test_sigterm_during_a_long_generation_ends_replies_and_the_server(medium_ggu
         assert replies["plain"].status_code == 200 and replies["plain"].json()["choices"][0]["finish_reason"] == "length"
         assert replies["stream"].text.rstrip().endswith("data: [DONE]")
         assert "Traceback" not in proc.stderr.read()
-    finally:
-        proc.kill()

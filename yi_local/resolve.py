@@ -12,7 +12,7 @@ from typing import Callable
 
 from converters.progress import Progress
 from yi_local import hub, store
-from yi_local.catalog import DEFAULT_QUANT, parse_name
+from yi_local.catalog import DEFAULT_QUANT, ModelRef, parse_name
 from yi_local.errors import YiLocalError
 from yi_local.model_spec import as_path, looks_like_path, not_special, path_kind
 from yi_local.pull import convert_into_store, locked, pull
@@ -55,50 +55,52 @@ def _local_folder(folder: Path, quant: str, progress: Progress | None, threads: 
         lock.release()
 
 
-def locate_gguf(spec: str) -> Path:
-    """The GGUF MODEL names when it exists already: a .gguf path, or a model in the store. Never writes."""
+def _named(spec: str) -> Path | ModelRef:
+    """What MODEL names: a path (a .gguf or other file, a folder) or a model name."""
     path = as_path(spec)
     kind = path_kind(path)
     not_special(spec, kind)
-    if path.suffix.lower() == ".gguf" or kind == "file":
+    if path.suffix.lower() == ".gguf" or kind in ("file", "dir"):
         return path
-    if kind == "dir":
-        found = _stored_local(path.resolve(), DEFAULT_QUANT)
+    if looks_like_path(spec):
+        raise YiLocalError(f"{spec}: no such file or folder", hint="give a .gguf file, a model folder or a model name")
+    return parse_name(spec)
+
+
+def locate_gguf(spec: str) -> Path:
+    """The GGUF MODEL names when it exists already: a .gguf path, or a model in the store. Never writes."""
+    named = _named(spec)
+    if isinstance(named, Path) and path_kind(named) == "dir":
+        found = _stored_local(named.resolve(), DEFAULT_QUANT)
         if found is None:
             raise YiLocalError(f"{spec} is a model folder that has not been converted yet",
                                hint=f"`yi-local convert {spec} --q {DEFAULT_QUANT}` makes a GGUF of it "
                                f"(`yi-local run {spec}` converts it into the store)")  # fmt: skip
         return found.path
-    if looks_like_path(spec):
-        raise YiLocalError(f"{spec}: no such file or folder", hint="give a .gguf file, a model folder or a model name")
-    ref = parse_name(spec)
-    found = store.find(ref.repo, ref.quant)
+    if isinstance(named, Path):
+        return named
+    found = store.find(named.repo, named.quant)
     if found is None:
-        raise YiLocalError(f"{ref.full_name} is not in the store",
-                           hint=f"`yi-local pull {ref.full_name}` downloads it; `yi-local list` shows what is there")  # fmt: skip
+        raise YiLocalError(f"{named.full_name} is not in the store",
+                           hint=f"`yi-local pull {named.full_name}` downloads it; `yi-local list` shows what is there")  # fmt: skip
     return found.path
 
 
 def resolve_gguf(spec: str, *, pull_missing: bool = False, confirm: Callable[[str], bool] | None = None,
                  progress: Progress | None = None, threads: int | None = None) -> Path:  # fmt: skip
     """The GGUF file MODEL names, converting or pulling it into the store when needed (and allowed)."""
-    path = as_path(spec)
-    kind = path_kind(path)
-    not_special(spec, kind)
-    if path.suffix.lower() == ".gguf" or kind == "file":
-        return path
-    if kind == "dir":
-        return _local_folder(path, DEFAULT_QUANT, progress, threads)
-    if looks_like_path(spec):
-        raise YiLocalError(f"{spec}: no such file or folder", hint="give a .gguf file, a model folder or a model name")
-    ref = parse_name(spec)
-    found = store.find(ref.repo, ref.quant)
+    named = _named(spec)
+    if isinstance(named, Path) and path_kind(named) == "dir":
+        return _local_folder(named, DEFAULT_QUANT, progress, threads)
+    if isinstance(named, Path):
+        return named
+    found = store.find(named.repo, named.quant)
     if found is not None:
         return found.path
-    if not pull_missing and not (confirm and confirm(f"{ref.full_name} is not in the store. Download it now?")):
-        raise YiLocalError(f"{ref.full_name} is not in the store",
-                           hint=f"run `yi-local pull {ref.full_name}` first, or add --pull")  # fmt: skip
-    return pull(ref, progress=progress, threads=threads).model.path
+    if not pull_missing and not (confirm and confirm(f"{named.full_name} is not in the store. Download it now?")):
+        raise YiLocalError(f"{named.full_name} is not in the store",
+                           hint=f"run `yi-local pull {named.full_name}` first, or add --pull")  # fmt: skip
+    return pull(named, progress=progress, threads=threads).model.path
 
 
 def resolve_hf_folder(spec: str, *, pull_missing: bool = False, confirm: Callable[[str], bool] | None = None) -> Path:
