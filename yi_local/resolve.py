@@ -67,10 +67,15 @@ def _named(spec: str) -> Path | ModelRef:
     return parse_name(spec)
 
 
+def _model_folder(named: Path | ModelRef) -> bool:
+    """Whether MODEL names a Hugging Face folder to convert (a folder called *.gguf is not one)."""
+    return isinstance(named, Path) and named.suffix.lower() != ".gguf" and path_kind(named) == "dir"
+
+
 def locate_gguf(spec: str) -> Path:
     """The GGUF MODEL names when it exists already: a .gguf path, or a model in the store. Never writes."""
     named = _named(spec)
-    if isinstance(named, Path) and path_kind(named) == "dir":
+    if _model_folder(named):
         found = _stored_local(named.resolve(), DEFAULT_QUANT)
         if found is None:
             raise YiLocalError(f"{spec} is a model folder that has not been converted yet",
@@ -90,7 +95,7 @@ def resolve_gguf(spec: str, *, pull_missing: bool = False, confirm: Callable[[st
                  progress: Progress | None = None, threads: int | None = None) -> Path:  # fmt: skip
     """The GGUF file MODEL names, converting or pulling it into the store when needed (and allowed)."""
     named = _named(spec)
-    if isinstance(named, Path) and path_kind(named) == "dir":
+    if _model_folder(named):
         return _local_folder(named, DEFAULT_QUANT, progress, threads)
     if isinstance(named, Path):
         return named
