@@ -211,9 +211,7 @@ class ChatApp(App[None]):
         work does not compete with it); then what it writes is rendered at most once a frame, frames spaced
         so that the UI takes a small share of a core (`UI_SHARE`), and the text gathers in between."""
         await mounted
-        painted = asyncio.get_running_loop().create_future()
-        self.call_after_refresh(lambda: painted.done() or painted.set_result(None))
-        await painted
+        await self._next_paint()
         inbox: Handoff[TextDelta | Finish | YiLocalError] = Handoff()
         self._generate(inbox, messages, params, cancel)
         gap, cpu = FRAME_S, time.thread_time()
@@ -235,12 +233,13 @@ class ChatApp(App[None]):
 
     async def _finished(self, view: ReplyMessage, finish: Finish) -> None:
         await view.finish({"cancelled": "stopped", "length": "cut at the token limit"}.get(finish.reason))
-        self.cancel = None
-        self.session.messages.append({"role": "assistant", "content": view.text})
         used = finish.usage.prompt_tokens + finish.usage.completion_tokens
         self._update_context(used)
         self.status.speed = f"{finish.timings.generate_tps:.1f} tok/s"
         self.status.state = ""
+        await self._next_paint()  # the whole reply on screen first; then the session (a save waits for the disk)
+        self.cancel = None
+        self.session.messages.append({"role": "assistant", "content": view.text})
         n_ctx = self.backend.info.n_ctx if self.backend else 0
         if n_ctx and used + self.session.settings.max_tokens > CONTEXT_WARNING * n_ctx:
             self.notify(f"The conversation fills {used} of {n_ctx} context tokens. "
@@ -248,6 +247,12 @@ class ChatApp(App[None]):
                         title="Context nearly full", severity="warning", timeout=15)  # fmt: skip
         if self.session_name:
             self._save(self.session_name, quiet=True)
+
+    async def _next_paint(self) -> None:
+        """Returns once the screen shows what has changed so far."""
+        painted = asyncio.get_running_loop().create_future()
+        self.call_after_refresh(lambda: painted.done() or painted.set_result(None))
+        await painted
 
     def _failed(self, view: ReplyMessage, error: YiLocalError, context_full: bool = False) -> None:
         self.cancel = None

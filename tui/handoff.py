@@ -3,8 +3,8 @@
 `put` appends under a lock held for a few instructions and wakes the loop only when it is not woken
 already, so a model that writes thousands of tokens a second costs the UI one wake-up per frame, not one
 per token. `take` (on the loop) returns everything that has come since the last take, at most once per
-`gap` seconds so that text gathers while the screen draws; the last item (`put(..., last=True)`) is
-taken at once.
+`gap` seconds (counted from the handoff's creation for the first) so that text gathers while the screen
+draws; the last item (`put(..., last=True)`) is taken at once.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Handoff(Generic[T]):
         self._woken = False  # a wake-up is on its way: later puts need not send another
         self._ready = asyncio.Event()
         self._last = asyncio.Event()
-        self._taken_at = 0.0
+        self._taken_at = self._loop.time()  # the first take waits `gap` too: a fast reply may be done by then
 
     def put(self, item: T, last: bool = False) -> None:
         """From any thread; never waits for the loop. Dropped quietly once the loop has closed (app exit)."""
