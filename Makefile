@@ -44,6 +44,7 @@ bench: install
 	$(PY) bench/convert.py
 	$(PY) bench/decode.py
 	$(PY) bench/chat_ttft.py
+	$(PY) bench/chat_speed.py
 
 lint: install
 	$(PY) -m pip install -q ruff

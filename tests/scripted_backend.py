@@ -1,12 +1,14 @@
 """A backend that plays scripted replies through the runtime interface, for tests that need exact timing.
 
 One token per character of the prompt; replies come as word-sized deltas. With `paced=True` each delta
-waits for `step()`, so a test can act (press Esc) between two deltas.
+waits for `step()`, so a test can act (press Esc) between two deltas; `delay` spaces them out in time.
+`yield_waits` records how long each delta's `yield` kept the generator suspended (the consumer's time).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Iterator
 
 from yi_local.runtime import Event, Finish, SamplingParams, TextDelta, Timings, Usage
@@ -15,7 +17,7 @@ from yi_local.runtime.chat_template import YI_CHAT_TEMPLATE
 
 
 class ScriptedBackend(Backend):
-    def __init__(self, replies: list[str], paced: bool = False, n_ctx: int = 4096):
+    def __init__(self, replies: list[str], paced: bool = False, n_ctx: int = 4096, delay: float = 0.0):
         self.info = ModelInfo(name="Yi-Scripted", path="scripted.gguf", quantization="Q4_K_M", n_ctx=n_ctx,
                               n_ctx_train=4096, n_layers=2, offload="CPU", backend="scripted",
                               chat_template=YI_CHAT_TEMPLATE, bos_token="<|startoftext|>", eos_token="<|im_end|>")  # fmt: skip
@@ -24,6 +26,9 @@ class ScriptedBackend(Backend):
         self._cache, self._generated = [], []  # the script keeps no KV cache
         self.replies = list(replies)
         self.paced = paced
+        self.delay = delay
+        self.yield_waits: list[float] = []
+        self.finished_at: float | None = None  # time.monotonic() when the last reply's Finish was taken
         self._steps = threading.Semaphore(0)
         self.prompts: list[list[int]] = []  # every prompt generate() was given
         self.params: list[SamplingParams] = []
@@ -78,6 +83,14 @@ class ScriptedBackend(Backend):
             if cancel is not None and cancel.is_set():
                 reason = "cancelled"
                 break
+            if params.max_tokens is not None and n == params.max_tokens:
+                reason = "length"
+                break
+            if self.delay:
+                time.sleep(self.delay)
             n += 1
+            start = time.monotonic()
             yield TextDelta(word + (" " if i < len(words) - 1 else ""), (i,))
+            self.yield_waits.append(time.monotonic() - start)
         yield Finish(reason, Usage(len(prompt), n), Timings(len(prompt), 0.05, n, n / 25.0, 0.06))
+        self.finished_at = time.monotonic()

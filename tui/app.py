@@ -1,7 +1,9 @@
 """The chat app: a conversation that streams replies from the runtime's events, slash commands, sessions.
 
-The model loads in a worker thread while the screen is already live; each reply is generated in a
-worker thread and its events reach the UI through `call_from_thread`. Esc sets the reply's cancel
+The model loads in a worker thread while the screen is already live. Each reply is generated in a
+worker thread that hands the runtime's events to the UI through a `Handoff`, which never makes the model
+wait for the screen; the UI takes what has come once per frame and renders it incrementally, and counts
+the reply done (status, session save) only once all of it is on screen. Esc sets the reply's cancel
 event: the runtime ends it at the next token and the text written so far stays. A named session is
 saved after every reply and held (a lock) while the app has it open; a save that fails is reported in
 the app and the conversation stays on screen.
@@ -9,9 +11,11 @@ the app and the conversation stays on screen.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
-from typing import Callable
+import time
+from typing import Awaitable, Callable
 
 from textual import work
 from textual.app import App, ComposeResult
@@ -19,6 +23,7 @@ from textual.binding import Binding
 from textual.widgets import Footer, ProgressBar, Static
 
 from tui.commands import COMMANDS, matches, parse
+from tui.handoff import Handoff
 from tui.screens.help import HelpScreen
 from tui.session import Session, check_setting, list_sessions, load_session, lock_session, save_session
 from tui.widgets.messages import ChatLog, NoticeMessage, ReplyMessage, UserMessage
@@ -34,6 +39,12 @@ Loader = Callable[[Callable[[float], None]], Backend]  # called with a progress 
 
 # Warn when a turn leaves less than this share of the context free.
 CONTEXT_WARNING = 0.85
+# While a reply streams, the UI renders at most every FRAME_S and, when frames are costly (a slow CPU, a
+# big terminal), less often, so that it takes about UI_SHARE of a core: on a machine whose cores all run
+# the model, each millisecond the UI takes is one the model waits. The text gathers in between.
+FRAME_S = 1 / 20
+MAX_FRAME_S = 0.5
+UI_SHARE = 0.05
 
 
 class ChatApp(App[None]):
@@ -166,10 +177,11 @@ class ChatApp(App[None]):
 
     def _reply(self) -> None:
         view = ReplyMessage()
-        self.log_view.add(view)
+        mounted = self.log_view.add(view)
         self.cancel = threading.Event()
         self.status.state = "writing…"
-        self._generate(view, self.session.chat_messages(), self.session.settings.sampling(self._params()), self.cancel)
+        self._show_reply(view, mounted, self.session.chat_messages(), self.session.settings.sampling(self._params()),
+                         self.cancel)  # fmt: skip
 
     def _params(self) -> SamplingParams:
         """Every sampling flag the chat was started with; /temperature, /top_p, /max_tokens override theirs."""
@@ -177,30 +189,56 @@ class ChatApp(App[None]):
         return dataclasses.replace(b, stop=list(b.stop), logit_bias=dict(b.logit_bias))
 
     @work(thread=True, group="reply")
-    def _generate(self, view: ReplyMessage, messages: list[dict], params: SamplingParams, cancel: threading.Event) -> None:
+    def _generate(self, inbox: Handoff, messages: list[dict], params: SamplingParams, cancel: threading.Event) -> None:
+        """The model's side: runs at the model's speed, handing events over without waiting for the screen."""
         backend = self.backend
         assert backend is not None
         try:
             prompt = backend.chat_tokens(messages)
             for event in backend.generate(prompt, params, cancel):
-                if isinstance(event, TextDelta):
-                    if event.text:
-                        self.call_from_thread(view.append, event.text)
-                elif isinstance(event, Finish):
-                    self.call_from_thread(self._finished, view, event)
-        except ContextOverflowError as e:
-            self.call_from_thread(self._failed, view, e, context_full=True)
-        except YiLocalError as e:
-            self.call_from_thread(self._failed, view, e)
+                if isinstance(event, Finish):
+                    inbox.put(event, last=True)
+                elif event.text:
+                    inbox.put(event)
+        except YiLocalError as e:  # ContextOverflowError included
+            inbox.put(e, last=True)
 
-    def _finished(self, view: ReplyMessage, finish: Finish) -> None:
-        self.cancel = None
-        view.finish({"cancelled": "stopped", "length": "cut at the token limit"}.get(finish.reason))
-        self.session.messages.append({"role": "assistant", "content": view.text})
+    @work(group="reply-view")
+    async def _show_reply(self, view: ReplyMessage, mounted: Awaitable, messages: list[dict], params: SamplingParams,
+                          cancel: threading.Event) -> None:  # fmt: skip
+        """The screen's side. The model starts once the message and the reply's place are on screen (so that
+        work does not compete with it); then what it writes is rendered at most once a frame, frames spaced
+        so that the UI takes a small share of a core (`UI_SHARE`), and the text gathers in between."""
+        await mounted
+        await self._next_paint()
+        inbox: Handoff[TextDelta | Finish | YiLocalError] = Handoff()
+        self._generate(inbox, messages, params, cancel)
+        gap, cpu = FRAME_S, time.thread_time()
+        while True:
+            events = await inbox.take(gap)
+            text = "".join(e.text for e in events if isinstance(e, TextDelta))
+            if text:
+                await view.write(text)
+            end = events[-1]
+            if isinstance(end, Finish):
+                await self._finished(view, end)
+                return
+            if isinstance(end, YiLocalError):
+                self._failed(view, end, context_full=isinstance(end, ContextOverflowError))
+                return
+            # This thread's CPU since the last frame: the last frame's layout and paint, and this render.
+            now = time.thread_time()
+            gap, cpu = min(max(FRAME_S, (now - cpu) / UI_SHARE), MAX_FRAME_S), now
+
+    async def _finished(self, view: ReplyMessage, finish: Finish) -> None:
+        await view.finish({"cancelled": "stopped", "length": "cut at the token limit"}.get(finish.reason))
         used = finish.usage.prompt_tokens + finish.usage.completion_tokens
         self._update_context(used)
         self.status.speed = f"{finish.timings.generate_tps:.1f} tok/s"
         self.status.state = ""
+        await self._next_paint()  # the whole reply on screen first; then the session (a save waits for the disk)
+        self.cancel = None
+        self.session.messages.append({"role": "assistant", "content": view.text})
         n_ctx = self.backend.info.n_ctx if self.backend else 0
         if n_ctx and used + self.session.settings.max_tokens > CONTEXT_WARNING * n_ctx:
             self.notify(f"The conversation fills {used} of {n_ctx} context tokens. "
@@ -208,6 +246,12 @@ class ChatApp(App[None]):
                         title="Context nearly full", severity="warning", timeout=15)  # fmt: skip
         if self.session_name:
             self._save(self.session_name, quiet=True)
+
+    async def _next_paint(self) -> None:
+        """Returns once the screen shows what has changed so far."""
+        painted = asyncio.get_running_loop().create_future()
+        self.call_after_refresh(lambda: painted.done() or painted.set_result(None))
+        await painted
 
     def _failed(self, view: ReplyMessage, error: YiLocalError, context_full: bool = False) -> None:
         self.cancel = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from textual.containers import VerticalScroll
+from textual.widget import AwaitMount
 from textual.widgets import Markdown, Static
 
 
@@ -21,39 +22,34 @@ class NoticeMessage(Static):
 
 
 class ReplyMessage(Markdown):
-    """A reply; `append` may be called many times a second, the widget re-renders at most 20 times."""
+    """A reply. One being written grows through `write`, which re-parses only its last Markdown block
+    (Textual's incremental `Markdown.append`), so a token costs as much at the end of a long reply as at
+    its start. Writes are awaited one at a time: the text that comes meanwhile waits in the caller's
+    handoff and goes in with the next one (what Textual's MarkdownStream does, but its `stop()` returns
+    while a render may still be running, and the app must know when the whole reply is on screen)."""
 
     def __init__(self, text: str = "") -> None:
         super().__init__(text, classes="message assistant")
         self.text = text
-        self._dirty = False
 
-    def on_mount(self) -> None:
-        self._timer = self.set_interval(1 / 20, self._refresh_text, pause=True)
+    async def write(self, text: str) -> None:
+        """Add `text` to the end of the reply and render it (the widget must be mounted)."""
+        self.text += text
+        await self.append(text)
+        if self.parent is not None:
+            self.parent.scroll_end(animate=False)
 
-    def append(self, delta: str) -> None:
-        self.text += delta
-        self._dirty = True
-        self._timer.resume()
-
-    def finish(self, note: str | None = None) -> None:
-        """Render the whole reply, with an italic note (not part of the reply's text) if given."""
-        self._timer.pause()
-        self._dirty = False
-        self.update(self.text + (f"\n\n*{note}*" if note else ""))
-
-    def _refresh_text(self) -> None:
-        if self._dirty:
-            self._dirty = False
-            self.update(self.text)
-            if self.parent is not None:
-                self.parent.scroll_end(animate=False)
+    async def finish(self, note: str | None = None) -> None:
+        """End the reply with an italic note (not part of the reply's text)."""
+        if note:
+            await self.append(f"\n\n*{note}*")
 
 
 class ChatLog(VerticalScroll):
-    def add(self, widget) -> None:
-        self.mount(widget)
+    def add(self, widget) -> AwaitMount:
+        mounted = self.mount(widget)
         self.scroll_end(animate=False)
+        return mounted
 
     def clear_messages(self) -> None:
         self.remove_children()
