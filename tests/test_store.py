@@ -17,6 +17,7 @@ from tui.app import ChatApp
 from tui.session import Session, Settings
 from yi_local import store
 from yi_local.runtime import LoadOptions, SamplingParams, TextDelta, load_backend
+from yi_local.units import format_size
 
 REPO_ID = "01-ai/Yi-Tiny-Chat"
 SHARD = "model-00001-of-00002.safetensors"
@@ -52,7 +53,7 @@ def test_pull_list_show_run_rm(hub, chat_dir):
     [model] = store.list_models()
     assert (model.repo, model.quant, model.revision) == (REPO_ID, "Q8_0", hub.hub.repos[REPO_ID].commit)
     assert model.sha256 == store.sha256_file(model.path) and model.chat and model.context == 4096
-    assert f"pulled {REPO_ID}:q8_0: {model.path}" in proc.stdout
+    assert f"pulled {REPO_ID}:q8_0: {model.path} ({format_size(model.size)})" in proc.stdout
     assert "removed the downloaded weights, freeing" in proc.stdout
     assert not (store.models_dir().parent / "downloads" / "01-ai--Yi-Tiny-Chat").exists()
     # Only what conversion needs was fetched.
