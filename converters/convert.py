@@ -21,6 +21,7 @@ from converters.quantize import quantize_file
 from converters.tensors import plan_tensors
 from converters.vocab import Vocab, read_vocab
 from yi_local.errors import YiLocalError
+from yi_local.hardware import cpu_count
 from yi_local.gguf_header import Header, check_model
 
 logger = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ class ConvertResult:
     notes: list[str] = field(default_factory=list)
 
 
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 # The files of a model folder the converter reads, besides the weights: none may be overwritten.
 INPUT_FILES = ("config.json", "tokenizer.model", "tokenizer_config.json", "tokenizer.json", "generation_config.json",
                "model.safetensors.index.json", "chat_template.json", "chat_template.jinja")  # fmt: skip
@@ -46,10 +43,10 @@ MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS; llama.cpp's quantizer aborts whe
 
 def _threads(threads: int | None) -> int:
     if threads is None:
-        return default_threads()
+        return cpu_count()
     if not 1 <= threads <= MAX_THREADS:
         raise YiLocalError(f"--threads is {threads}; it must be from 1 to {MAX_THREADS}",
-                           hint=f"leave it out to use every core ({default_threads()} here)")  # fmt: skip
+                           hint=f"leave it out to use every core ({cpu_count()} here)")  # fmt: skip
     return threads
 
 
