@@ -6,7 +6,8 @@ import pytest
 
 from yi_local.catalog import CATALOG, parse_name
 from yi_local.errors import YiLocalError
-from yi_local.fit import GIB, OVERHEAD_BYTES, fits, memory_needed, recommend
+from yi_local.fit import GIB, OVERHEAD_BYTES, fits, memory_needed, recommend, usable_bytes
+from yi_local.runtime.offload import plan_offload
 
 # Yi-6B: 2 x 64000 x 4096 embeddings and output; per layer q 4096^2, k and v 4096 x 512, o 4096^2,
 # mlp 3 x 4096 x 11008, two norms of 4096; 32 layers; a final norm.
@@ -52,6 +53,19 @@ def test_fits_and_recommend():
     assert recommend(entries, 4096, 8 * GIB) == (CATALOG["yi-1.5:9b-chat"], "Q5_K_M")
     assert recommend(entries, 4096, 48 * GIB) == (CATALOG["yi:34b-chat"], "Q8_0")
     assert recommend(entries, 4096, 1 * GIB) is None
+
+
+def test_the_offload_planner_follows_doctors_rule():
+    """`--n-gpu-layers auto` puts the whole model on the GPU exactly where doctor marks it ✓, else the
+    layers that fit in the same room (weights and KV cache within the headroom, buffers set aside)."""
+    need = memory_needed(CATALOG["yi:6b-chat"], "Q4_K_M", 4096)
+    for free in range(3 * GIB, 6 * GIB, 16 << 20):
+        plan = plan_offload("auto", need.weights, 32, need.kv_cache, "CUDA", free)
+        if fits(need, free):
+            assert plan.n_gpu_layers == -1 and plan.description == "CUDA 33/33 layers"
+        else:
+            per_layer = (need.weights + need.kv_cache) / 33
+            assert plan.n_gpu_layers * per_layer <= usable_bytes(free) < (plan.n_gpu_layers + 1) * per_layer
 
 
 @pytest.mark.parametrize("spec, repo, quant, explicit", [

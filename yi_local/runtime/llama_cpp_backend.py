@@ -18,6 +18,7 @@ import numpy as np
 from yi_local.llama_lib import llama_cpp
 from yi_local import hardware
 from yi_local.errors import YiLocalError
+from yi_local.fit import kv_cache_bytes
 from yi_local.runtime.backend import Backend, GrammarDeadEndError, ModelInfo, PrefillCancelled, utf8
 from yi_local.runtime.sandbox import Sandbox
 from yi_local.runtime.offload import plan_offload
@@ -76,7 +77,7 @@ class LlamaCppBackend(Backend):
         gpu = hardware.llama_gpu_kind()
         n_ctx_hint = options.n_ctx or 4096
         head_dim = header["n_embd"] // max(1, header["n_head"])
-        kv_bytes = header["n_layers"] * n_ctx_hint * header["n_head_kv"] * head_dim * 2 * 2
+        kv_bytes = kv_cache_bytes(header["n_layers"], n_ctx_hint, header["n_head_kv"], head_dim)
         plan = plan_offload(options.n_gpu_layers, path.stat().st_size, header["n_layers"], kv_bytes,
                             gpu, hardware.gpu_free_bytes(gpu))  # fmt: skip
         logger.info("offload: %s", plan.description)
