@@ -1,7 +1,7 @@
-"""How much memory a model needs: the one formula `doctor` and the offload planner use.
+"""How much memory a model needs and how fast it decodes: the one formula `doctor` and the offload planner use.
 
-Weights (a level's bits per weight, or the file's size), the f16 KV cache at the context, and the
-compute buffers, within a headroom of the free memory.
+Memory: weights (a level's bits per weight, or the file's size), the f16 KV cache at the context, and
+the compute buffers. Speed: decoding is memory-bound, so tokens/s ≈ bandwidth ÷ bytes read per token.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from dataclasses import dataclass
 
 from yi_local.catalog import CatalogEntry
 from yi_local.quant_types import QUANT_TYPES
-from yi_local.units import GIB
 
 # Compute buffers and the runtime itself, beside weights and KV cache.
 OVERHEAD_BYTES = 300 << 20
 # Use at most this share of the memory that is free: the system and other programs need the rest.
 HEADROOM = 0.9
+# Tokens per second below which a chat no longer feels interactive (reading speed is ~5-8 words/s).
+INTERACTIVE_TPS = 10.0
 # The levels `doctor` shows (the full list is in yi_local.quant_types).
 DOCTOR_LEVELS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 
@@ -29,10 +30,20 @@ def kv_cache_bytes(n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int, by
 class Need:
     weights: int
     kv_cache: int
+    embeddings: int = 0  # of the weights, the token embeddings: decoding reads one row of them a token
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + OVERHEAD_BYTES
+
+    @property
+    def read_per_token(self) -> int:
+        """Bytes read to decode one token: every weight but the embedding table, and the whole KV cache."""
+        return self.weights - self.embeddings + self.kv_cache
+
+    def tokens_per_second(self, bandwidth: float) -> float:
+        """Decode speed with `bandwidth` bytes/s of memory bandwidth: decoding is memory-bound."""
+        return bandwidth / self.read_per_token
 
 
 def usable_bytes(budget: int) -> int:
@@ -48,18 +59,40 @@ def memory_needed(entry: CatalogEntry, quant: str, n_ctx: int) -> Need:
     """Bytes to run `entry` at `quant` with `n_ctx` tokens of context (f16 KV cache)."""
     shape = entry.shape
     bpw = QUANT_TYPES[quant].bits_per_weight if quant in QUANT_TYPES else 16.0
+    weights = int(entry.parameters * bpw / 8)
     kv = kv_cache_bytes(shape.layers, min(n_ctx, entry.context), shape.kv_heads, shape.head_dim)
-    return Need(weights=int(entry.parameters * bpw / 8), kv_cache=kv)
+    return Need(weights=weights, kv_cache=kv, embeddings=int(shape.vocab * shape.hidden * bpw / 8))
 
 
-def recommend(entries: list[CatalogEntry], n_ctx: int, budget: int) -> tuple[CatalogEntry, str] | None:
-    """The biggest chat model that fits at Q4_K_M or better (its best such level), else the best that fits."""
-    best = None
+@dataclass(frozen=True)
+class Pick:
+    entry: CatalogEntry
+    quant: str
+    need: Need
+    tokens_per_second: float | None  # None: the bandwidth is not known
+
+    @property
+    def interactive(self) -> bool:
+        return self.tokens_per_second is None or self.tokens_per_second >= INTERACTIVE_TPS
+
+
+def recommend(entries: list[CatalogEntry], n_ctx: int, budget: int, bandwidth: float | None = None) -> Pick | None:
+    """The biggest chat model that fits and decodes at INTERACTIVE_TPS or faster, at its best level (Q4_K_M
+    or better preferred); when nothing that fits is that fast, the fastest that fits; None when nothing fits."""
+    picks = []
     for entry in entries:
-        for quant in reversed(DOCTOR_LEVELS):
-            if fits(memory_needed(entry, quant, n_ctx), budget):
-                rank = (entry.chat, QUANT_TYPES[quant].bits_per_weight >= 4.8, entry.parameters, QUANT_TYPES[quant].bits_per_weight)
-                if best is None or rank > best[0]:
-                    best = (rank, entry, quant)
-                break
-    return None if best is None else (best[1], best[2])
+        for quant in DOCTOR_LEVELS:
+            need = memory_needed(entry, quant, n_ctx)
+            if fits(need, budget):
+                picks.append(Pick(entry, quant, need, None if bandwidth is None else need.tokens_per_second(bandwidth)))
+    if not picks:
+        return None
+
+    def level(p: Pick) -> tuple[bool, float]:
+        bpw = QUANT_TYPES[p.quant].bits_per_weight
+        return bpw >= 4.8, bpw  # Q4_K_M and up first: below it, quality drops fast
+
+    fast = [p for p in picks if p.interactive]
+    if fast:
+        return max(fast, key=lambda p: (p.entry.chat, level(p)[0], p.entry.parameters, level(p)[1]))
+    return max(picks, key=lambda p: (p.entry.chat, level(p)[0], p.tokens_per_second))
