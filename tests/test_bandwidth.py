@@ -30,8 +30,8 @@ def test_apple_chips(brand, chip):
 def test_the_cpu_is_measured_with_llama_cpps_kernel():
     bw = measure_cpu()
     assert bw is not None and 0.2e9 < bw.bytes_per_s < 2e12, bw  # from a Raspberry Pi to a 12-channel server
-    assert re.fullmatch(r"measured: llama.cpp's Q4_K kernel reads [\d.]+ GB/s of weights here \(\d+ threads, [\d.]+ MiB\)",
-                        bw.how), bw.how  # fmt: skip
+    pattern = r"measured: llama.cpp's Q4_K kernel reads [\d.]+ GB/s of weights here \(\d+ threads, [\d.]+ MiB\)"
+    assert re.fullmatch(pattern, bw.how), bw.how
     here = decode_bandwidth(None)  # a CPU build of llama.cpp
     assert here is not None and here.how.startswith("measured: llama.cpp's Q4_K kernel")
 

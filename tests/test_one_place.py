@@ -13,7 +13,7 @@ def calls_to(*names: str) -> dict[str, list[str]]:
     for module, path in modules().items():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             f = node.func if isinstance(node, ast.Call) else None
-            if isinstance(f, ast.Attribute) and f.attr in names and isinstance(f.value, ast.Name) and f.value.id == "os":
+            if isinstance(f, ast.Attribute) and f.attr in names and getattr(f.value, "id", None) == "os":
                 found.setdefault(module, []).append(f.attr)
     return found
 

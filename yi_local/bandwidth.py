@@ -118,7 +118,8 @@ def measure_cpu(threads: int | None = None) -> Bandwidth | None:
     cols, (block, block_bytes) = 4096, GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
     row_bytes = cols // block * block_bytes
     rows = _buffer_bytes() // row_bytes
-    size = rows * row_bytes + 4 * (cols + rows) + 8 * base.ggml_tensor_overhead() + base.ggml_graph_overhead() + (8 << 20)
+    bookkeeping = 8 * base.ggml_tensor_overhead() + base.ggml_graph_overhead() + (8 << 20)
+    size = rows * row_bytes + 4 * (cols + rows) + bookkeeping
     buffer = np.ones(size, np.uint8)  # pages in before timing; the values do not change the speed
     ctx = base.ggml_init(_InitParams(size, buffer.ctypes.data, False))
     try:
@@ -175,7 +176,7 @@ def measure_cuda() -> Bandwidth | None:
     torch.cuda.synchronize()
     gbps = 2 * size * 5 / (time.perf_counter() - start) / 1e9
     name = torch.cuda.get_device_name(0)
-    return Bandwidth(gbps * 1e9 * GPU_SHARE, f"{name}: measured {gbps:.0f} GB/s × {GPU_SHARE:.0%} reached by llama.cpp")
+    return Bandwidth(gbps * 1e9 * GPU_SHARE, f"{name}: a copy measured {gbps:.0f} GB/s; × {GPU_SHARE:.0%} for llama.cpp")
 
 
 def _buffer_bytes() -> int:

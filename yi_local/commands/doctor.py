@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
         raise YiLocalError(f"--memory is {args.memory:g}; give the GiB to plan for, a positive number",
                            hint="e.g. --memory 16, or leave it out to use what is free here")  # fmt: skip
     if args.bandwidth is not None and not (math.isfinite(args.bandwidth) and 0 < args.bandwidth <= 1e5):
-        raise YiLocalError(f"--bandwidth is {args.bandwidth:g}; give the memory bandwidth in GB/s, a positive number",
+        raise YiLocalError(f"--bandwidth is {args.bandwidth:g}; give the memory bandwidth in GB/s, "
+                           "above 0 and at most 100000",
                            hint="e.g. --bandwidth 60, or leave it out to measure it here")  # fmt: skip
     if args.ctx < 1:
         raise YiLocalError(f"--ctx is {args.ctx}; it must be at least 1", hint="e.g. --ctx 4096 (the default)")
