@@ -20,6 +20,7 @@ from converters.vocab import Vocab, read_vocab
 from yi_local.atomic import atomic_output, check_room, check_writable, scratch_file
 from yi_local.errors import YiLocalError
 from yi_local.gguf_header import Header, check_model, model_meta
+from yi_local.hardware import cpu_count
 from yi_local.quant_types import AUTO_OUT_TYPE, OUT_TYPES, UNQUANTIZED, OutType, QuantType, parse_outtype, parse_quant
 
 @dataclass
@@ -30,10 +31,6 @@ class ConvertResult:
     notes: list[str] = field(default_factory=list)
 
 
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 # The files of a model folder the converter reads, besides the weights: none may be overwritten.
 INPUT_FILES = ("config.json", "tokenizer.model", "tokenizer_config.json", "tokenizer.json", "generation_config.json",
                "model.safetensors.index.json", "chat_template.json", "chat_template.jinja")  # fmt: skip
@@ -42,10 +39,10 @@ MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS; llama.cpp's quantizer aborts whe
 
 def _threads(threads: int | None) -> int:
     if threads is None:
-        return default_threads()
+        return cpu_count()
     if not 1 <= threads <= MAX_THREADS:
         raise YiLocalError(f"--threads is {threads}; it must be from 1 to {MAX_THREADS}",
-                           hint=f"leave it out to use every core ({default_threads()} here)")  # fmt: skip
+                           hint=f"leave it out to use every core ({cpu_count()} here)")  # fmt: skip
     return threads
 
 

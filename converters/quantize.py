@@ -14,6 +14,7 @@ from gguf import Keys
 
 from yi_local.atomic import atomic_output
 from yi_local.errors import YiLocalError
+from yi_local.units import format_size
 from yi_local.gguf_header import read_header
 from yi_local.llama_lib import llama_cpp as load_llama_cpp
 from yi_local.quant_types import QuantType
@@ -72,8 +73,8 @@ def _explain_failure(src: Path, dest: Path, tmp: Path, quant: QuantType, expecte
         )
     if free < max(expected - written, 0) + (16 << 20):
         raise YiLocalError(
-            f"could not write {dest}: the disk is full ({free / 1e6:,.0f} MB free in {dest.parent}, "
-            f"the {quant.name} file needs about {expected / 1e6:,.0f} MB)",
+            f"could not write {dest}: the disk is full ({format_size(free)} free in {dest.parent}, "
+            f"the {quant.name} file needs about {format_size(expected)})",
             hint="free some space or write elsewhere with -o; nothing was written",
         )
     raise YiLocalError(

@@ -124,11 +124,13 @@ def _cases(root: Path, chat_dir: Path, f16: Path) -> dict[str, Case]:
     giant = build_sparse_checkpoint(root / "giant" / "Yi-Giant", chat_dir,
                                     Dims(**{**dims.__dict__, "layers": min(512, free // per_layer + 2)}))  # fmt: skip
     add("not enough free space", ["convert", giant, "-o", folder("giant"), "--q", "Q4_K_M"],
-        [f"not enough free space in {folder('giant')}", "GB are free"], out=folder("giant"))  # fmt: skip
+        [f"not enough free space in {folder('giant')}", "GiB are free"], out=folder("giant"))  # fmt: skip
 
     for value in ("nan", "-1"):
         add(f"doctor --memory {value}", ["doctor", "--memory", value], [f"--memory is {value}"])
     add("doctor --ctx 0", ["doctor", "--ctx", "0"], ["--ctx is 0"])
+    for value in ("nan", "0", "inf"):
+        add(f"doctor --bandwidth {value}", ["doctor", "--bandwidth", value], [f"--bandwidth is {value}"])
 
     # Bytes that are not UTF-8 in arguments and on standard input.
     add("run a non-UTF-8 prompt", ["run", f16, _fsdecode(b"hi \xff there"), "--max-tokens", "2", "--ctx", "64"],
@@ -163,7 +165,8 @@ CASE_NAMES = [
     "-o under a regular file", "-o in a folder nobody may write", "-o a folder named .gguf", "--threads 0",
     "--threads -2 (quantizing a GGUF)", "--threads 100000", "-o the input GGUF", "-o a hard link to the input", "-o a symlink to the input",
     "-o a link to a source shard", "not enough free space", "doctor --memory nan", "doctor --memory -1",
-    "doctor --ctx 0", "run a non-UTF-8 prompt", "run with non-UTF-8 standard input",
+    "doctor --ctx 0", "doctor --bandwidth nan", "doctor --bandwidth 0", "doctor --bandwidth inf",
+    "run a non-UTF-8 prompt", "run with non-UTF-8 standard input",
 ]  # fmt: skip
 
 

@@ -6,7 +6,9 @@ import pytest
 
 from yi_local.catalog import CATALOG, parse_name
 from yi_local.errors import YiLocalError
-from yi_local.fit import GIB, OVERHEAD_BYTES, fits, memory_needed, recommend
+from yi_local.fit import DOCTOR_LEVELS, INTERACTIVE_TPS, OVERHEAD_BYTES, fits, memory_needed, recommend, usable_bytes
+from yi_local.runtime.offload import plan_offload
+from yi_local.units import GIB
 
 # Yi-6B: 2 x 64000 x 4096 embeddings and output; per layer q 4096^2, k and v 4096 x 512, o 4096^2,
 # mlp 3 x 4096 x 11008, two norms of 4096; 32 layers; a final norm.
@@ -49,9 +51,60 @@ def test_fits_and_recommend():
     need = memory_needed(CATALOG["yi:6b-chat"], "Q4_K_M", 4096)
     assert fits(need, 5 * GIB) and not fits(need, 4 * GIB)
     entries = list(CATALOG.values())
-    assert recommend(entries, 4096, 8 * GIB) == (CATALOG["yi-1.5:9b-chat"], "Q5_K_M")
-    assert recommend(entries, 4096, 48 * GIB) == (CATALOG["yi:34b-chat"], "Q8_0")
+    # The bandwidth not known: the best that fits.
+    assert picked(recommend(entries, 4096, 8 * GIB)) == ("yi-1.5:9b-chat", "Q5_K_M")
+    assert picked(recommend(entries, 4096, 48 * GIB)) == ("yi:34b-chat", "Q8_0")
     assert recommend(entries, 4096, 1 * GIB) is None
+
+
+def picked(pick) -> tuple[str, str]:
+    return pick.entry.name, pick.quant
+
+
+def test_decode_speed_is_bandwidth_over_the_bytes_read_per_token():
+    need = memory_needed(CATALOG["yi:6b-chat"], "Q4_K_M", 4096)
+    embeddings = int(64000 * 4096 * 4.84 / 8)  # one row of them is read a token, not the table
+    assert need.read_per_token == 3_666_926_489 - embeddings + 268_435_456 == 3_776_764_825
+    assert need.tokens_per_second(20e9) == 20e9 / 3_776_764_825  # 5.3 tok/s
+    q8 = memory_needed(CATALOG["yi-1.5:9b-chat"], "Q8_0", 4096)  # what fits 16 GiB best
+    assert q8.read_per_token == 9_381_245_184 - int(64000 * 4096 * 8.5 / 8) + 402_653_184 == 9_505_370_368
+
+
+@pytest.mark.parametrize("gbps, name, quant, tps", [
+    # A 2-core machine with 16 GiB: yi-1.5:9b-chat:q8_0 fits but would decode at 20e9 / 9.5e9 = 2.1 tok/s.
+    (20, "yi-coder:1.5b-chat", "Q6_K", 10.5),
+    (60, "yi-1.5:9b-chat", "Q4_K_M", 10.7),  # a desktop's dual-channel DDR5
+    (240, "yi-1.5:9b-chat", "Q8_0", 25.2),  # an M-series Max (400 GB/s x 60%): the fit is the limit
+])  # fmt: skip
+def test_recommend_stays_interactive(gbps, name, quant, tps):
+    entries = list(CATALOG.values())
+    pick = recommend(entries, 4096, 16 * GIB, gbps * 1e9)
+    assert picked(pick) == (name, quant) and pick.interactive
+    assert round(pick.tokens_per_second, 1) == tps and pick.tokens_per_second >= INTERACTIVE_TPS
+    # The next level up of the same model would be slower than interactive, or not fit.
+    higher = DOCTOR_LEVELS[DOCTOR_LEVELS.index(quant) + 1 :]
+    if higher:
+        need = memory_needed(pick.entry, higher[0], 4096)
+        assert need.tokens_per_second(gbps * 1e9) < INTERACTIVE_TPS or not fits(need, 16 * GIB)
+
+
+def test_when_nothing_is_interactive_the_fastest_that_fits():
+    pick = recommend(list(CATALOG.values()), 4096, 16 * GIB, 2e9)  # 2 GB/s: slower than any machine's
+    assert picked(pick) == ("yi-coder:1.5b-chat", "Q4_K_M") and not pick.interactive
+    assert round(pick.tokens_per_second, 2) == 1.24
+
+
+def test_the_offload_planner_follows_doctors_rule():
+    """`--n-gpu-layers auto` puts the whole model on the GPU exactly where doctor marks it ✓, else the
+    layers that fit in the same room (weights and KV cache within the headroom, buffers set aside)."""
+    need = memory_needed(CATALOG["yi:6b-chat"], "Q4_K_M", 4096)
+    for free in range(3 * GIB, 6 * GIB, 16 << 20):
+        plan = plan_offload("auto", need.weights, 32, need.kv_cache, "CUDA", free)
+        if fits(need, free):
+            assert plan.n_gpu_layers == -1 and plan.description == "CUDA 33/33 layers"
+        else:
+            per_layer = (need.weights + need.kv_cache) / 33
+            assert plan.n_gpu_layers * per_layer <= usable_bytes(free) < (plan.n_gpu_layers + 1) * per_layer
 
 
 @pytest.mark.parametrize("spec, repo, quant, explicit", [

@@ -17,6 +17,7 @@ from tui.app import ChatApp
 from tui.session import Session, Settings
 from yi_local import store
 from yi_local.runtime import LoadOptions, SamplingParams, TextDelta, load_backend
+from yi_local.units import format_size
 
 REPO_ID = "01-ai/Yi-Tiny-Chat"
 SHARD = "model-00001-of-00002.safetensors"
@@ -52,7 +53,7 @@ def test_pull_list_show_run_rm(hub, chat_dir):
     [model] = store.list_models()
     assert (model.repo, model.quant, model.revision) == (REPO_ID, "Q8_0", hub.hub.repos[REPO_ID].commit)
     assert model.sha256 == store.sha256_file(model.path) and model.chat and model.context == 4096
-    assert f"pulled {REPO_ID}:q8_0: {model.path}" in proc.stdout
+    assert f"pulled {REPO_ID}:q8_0: {model.path} ({format_size(model.size)})" in proc.stdout
     assert "removed the downloaded weights, freeing" in proc.stdout
     assert not (store.models_dir().parent / "downloads" / "01-ai--Yi-Tiny-Chat").exists()
     # Only what conversion needs was fetched.
@@ -234,17 +235,30 @@ async def test_chat_on_a_stored_model_with_the_network_blocked(hub, no_network):
 
 
 def test_doctor_prints_a_sane_table():
-    proc = run_cli("doctor", "--memory", "16")
+    proc = run_cli("doctor", "--memory", "16", "--bandwidth", "20")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for needle in ("OS", "CPU", "RAM", "llama.cpp", "Q4_K_M", "yi:34b-chat", "yi-coder:1.5b-chat", "Recommended:"):
         assert needle in out
+    assert "bandwidth  20 GB/s (--bandwidth)" in out
     row = next(line for line in out.splitlines() if line.strip().startswith("yi:6b-chat "))
-    assert "4.0 ✓" in row  # Yi-6B-Chat at Q4_K_M: about 4 GB, as the Yi README says
+    # Yi-6B-Chat at Q4_K_M: about 4 GB, as the Yi README says; 20 GB/s ÷ 3.78 GB read a token.
+    assert "4.0 5.3/s ~" in row
     row34 = next(line for line in out.splitlines() if line.strip().startswith("yi:34b-chat "))
-    assert "20.6 ✗" in row34  # about 20 GB: not in 16 GiB
-    # 16 GiB x 0.9 headroom: no 34B level fits (Q2_K needs 14.6), the best 9B chat model does at Q8_0.
-    assert "Recommended: yi-1.5:9b-chat:q8_0 (9.4 GiB)" in out
+    assert "20.6 0.9/s ✗" in row34  # about 20 GB: not in 16 GiB
+    # 16 GiB x 0.9 headroom: yi-1.5:9b-chat fits at Q8_0 (9.4 GiB) but would decode at 2.1 tok/s; the
+    # biggest chat model at 10 tok/s or more is Yi-Coder-1.5B-Chat at Q6_K.
+    row9 = next(line for line in out.splitlines() if line.strip().startswith("yi-1.5:9b-chat "))
+    assert row9.rstrip().endswith("9.4 2.1/s ~")
+    assert "Recommended: yi-coder:1.5b-chat:q6_k (2.2 GiB, ~10 tok/s)" in out
+
+
+def test_doctor_measures_the_bandwidth_when_not_told():
+    proc = run_cli("doctor", "--memory", "16")
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("bandwidth"))
+    assert "measured: llama.cpp's Q4_K kernel reads " in line, line  # a CPU build here
+    assert "Speed ≈ memory bandwidth ÷ bytes read per token" in proc.stdout
 
 
 def test_manifest_records_how_the_model_was_made(hub):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from yi_local.errors import YiLocalError
+from yi_local.units import format_size
 
 TEMP_SUFFIX = ".yi-part"  # a temporary file
 TEMP_DIR_SUFFIX = ".yi-partdir"  # a private folder for a file llama.cpp writes by name
@@ -89,7 +90,7 @@ def check_room(needs: dict[Path, int]) -> None:
         free = shutil.disk_usage(_existing_ancestor(where)).free
         if free < total:
             raise YiLocalError(
-                f"not enough free space in {where}: this needs about {_size(total)} there, {_size(free)} are free",
+                f"not enough free space in {where}: this needs about {format_size(total)} there, {format_size(free)} are free",
                 hint="free some space, or write elsewhere with -o",
             )
 
@@ -99,10 +100,6 @@ def _existing_ancestor(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
-
-
-def _size(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def remove_stale(folder: Path) -> None:
@@ -221,7 +218,7 @@ def _os_error(e: OSError, final: Path) -> Exception:
     if e.errno in _FULL:
         free = shutil.disk_usage(_existing_ancestor(final.parent)).free
         return YiLocalError(
-            f"could not write {final}: {os.strerror(e.errno)} ({_size(free)} free there)",
+            f"could not write {final}: {os.strerror(e.errno)} ({format_size(free)} free there)",
             hint="free some space or write elsewhere with -o; nothing was written",
         )
     where = Path(os.fsdecode(e.filename)).absolute().parent if e.filename else final.absolute().parent

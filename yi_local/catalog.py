@@ -25,17 +25,15 @@ class Shape:
     vocab: int = 64000
 
     @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
     def parameters(self) -> int:
-        head_dim = self.hidden // self.heads
-        attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
+        attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * self.head_dim
         mlp = 3 * self.hidden * self.ffn
         per_layer = attn + mlp + 2 * self.hidden
         return 2 * self.vocab * self.hidden + self.layers * per_layer + self.hidden
-
-    def kv_bytes(self, n_ctx: int, bytes_per_value: int = 2) -> int:
-        """The KV cache of `n_ctx` tokens: K and V for every layer, f16 by default."""
-        head_dim = self.hidden // self.heads
-        return 2 * self.layers * n_ctx * self.kv_heads * head_dim * bytes_per_value
 
 
 YI_6B = Shape(hidden=4096, ffn=11008, layers=32, heads=32, kv_heads=4)

@@ -1,4 +1,8 @@
-"""Which model and quantization fits this machine: weights at each level's bits per weight plus the KV cache."""
+"""How much memory a model needs and how fast it decodes: the one formula `doctor` and the offload planner use.
+
+Memory: weights (a level's bits per weight, or the file's size), the f16 KV cache at the context, and
+the compute buffers. Speed: decoding is memory-bound, so tokens/s ≈ bandwidth ÷ bytes read per token.
+"""
 
 from __future__ import annotations
 
@@ -7,43 +11,88 @@ from dataclasses import dataclass
 from yi_local.catalog import CatalogEntry
 from yi_local.quant_types import QUANT_TYPES
 
-GIB = 1 << 30
 # Compute buffers and the runtime itself, beside weights and KV cache.
 OVERHEAD_BYTES = 300 << 20
 # Use at most this share of the memory that is free: the system and other programs need the rest.
 HEADROOM = 0.9
+# Tokens per second below which a chat no longer feels interactive (reading speed is ~5-8 words/s).
+INTERACTIVE_TPS = 10.0
 # The levels `doctor` shows (the full list is in yi_local.quant_types).
 DOCTOR_LEVELS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+
+
+def kv_cache_bytes(n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int, bytes_per_value: int = 2) -> int:
+    """The KV cache of `n_ctx` tokens: K and V for every layer and KV head, f16 (llama.cpp's default)."""
+    return 2 * n_layers * n_ctx * n_kv_heads * head_dim * bytes_per_value
 
 
 @dataclass(frozen=True)
 class Need:
     weights: int
     kv_cache: int
+    embeddings: int = 0  # of the weights, the token embeddings: decoding reads one row of them a token
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + OVERHEAD_BYTES
 
+    @property
+    def read_per_token(self) -> int:
+        """Bytes read to decode one token: every weight but the embedding table, and the whole KV cache."""
+        return self.weights - self.embeddings + self.kv_cache
 
-def memory_needed(entry: CatalogEntry, quant: str, n_ctx: int) -> Need:
-    """Bytes to run `entry` at `quant` with `n_ctx` tokens of context (f16 KV cache)."""
-    bpw = QUANT_TYPES[quant].bits_per_weight if quant in QUANT_TYPES else 16.0
-    return Need(weights=int(entry.parameters * bpw / 8), kv_cache=entry.shape.kv_bytes(min(n_ctx, entry.context)))
+    def tokens_per_second(self, bandwidth: float) -> float:
+        """Decode speed with `bandwidth` bytes/s of memory bandwidth: decoding is memory-bound."""
+        return bandwidth / self.read_per_token
+
+
+def usable_bytes(budget: int) -> int:
+    """What weights and KV cache may take of `budget` free bytes: the headroom and buffers set aside."""
+    return int(budget * HEADROOM) - OVERHEAD_BYTES
 
 
 def fits(need: Need, budget: int) -> bool:
-    return need.total <= budget * HEADROOM
+    return need.weights + need.kv_cache <= usable_bytes(budget)
 
 
-def recommend(entries: list[CatalogEntry], n_ctx: int, budget: int) -> tuple[CatalogEntry, str] | None:
-    """The biggest chat model that fits at Q4_K_M or better (its best such level), else the best that fits."""
-    best = None
+def memory_needed(entry: CatalogEntry, quant: str, n_ctx: int) -> Need:
+    """Bytes to run `entry` at `quant` with `n_ctx` tokens of context (f16 KV cache)."""
+    shape = entry.shape
+    bpw = QUANT_TYPES[quant].bits_per_weight if quant in QUANT_TYPES else 16.0
+    weights = int(entry.parameters * bpw / 8)
+    kv = kv_cache_bytes(shape.layers, min(n_ctx, entry.context), shape.kv_heads, shape.head_dim)
+    return Need(weights=weights, kv_cache=kv, embeddings=int(shape.vocab * shape.hidden * bpw / 8))
+
+
+@dataclass(frozen=True)
+class Pick:
+    entry: CatalogEntry
+    quant: str
+    need: Need
+    tokens_per_second: float | None  # None: the bandwidth is not known
+
+    @property
+    def interactive(self) -> bool:
+        return self.tokens_per_second is None or self.tokens_per_second >= INTERACTIVE_TPS
+
+
+def recommend(entries: list[CatalogEntry], n_ctx: int, budget: int, bandwidth: float | None = None) -> Pick | None:
+    """The biggest chat model that fits and decodes at INTERACTIVE_TPS or faster, at its best level (Q4_K_M
+    or better preferred); when nothing that fits is that fast, the fastest that fits; None when nothing fits."""
+    picks = []
     for entry in entries:
-        for quant in reversed(DOCTOR_LEVELS):
-            if fits(memory_needed(entry, quant, n_ctx), budget):
-                rank = (entry.chat, QUANT_TYPES[quant].bits_per_weight >= 4.8, entry.parameters, QUANT_TYPES[quant].bits_per_weight)
-                if best is None or rank > best[0]:
-                    best = (rank, entry, quant)
-                break
-    return None if best is None else (best[1], best[2])
+        for quant in DOCTOR_LEVELS:
+            need = memory_needed(entry, quant, n_ctx)
+            if fits(need, budget):
+                picks.append(Pick(entry, quant, need, None if bandwidth is None else need.tokens_per_second(bandwidth)))
+    if not picks:
+        return None
+
+    def level(p: Pick) -> tuple[bool, float]:
+        bpw = QUANT_TYPES[p.quant].bits_per_weight
+        return bpw >= 4.8, bpw  # Q4_K_M and up first: below it, quality drops fast
+
+    fast = [p for p in picks if p.interactive]
+    if fast:
+        return max(fast, key=lambda p: (p.entry.chat, level(p)[0], p.entry.parameters, level(p)[1]))
+    return max(picks, key=lambda p: (p.entry.chat, level(p)[0], p.tokens_per_second))

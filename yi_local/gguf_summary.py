@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from yi_local.gguf_header import check_model, model_meta
+from yi_local.units import format_size
 
 
 def describe_gguf(path: Path) -> list[tuple[str, str]]:
@@ -13,7 +14,7 @@ def describe_gguf(path: Path) -> list[tuple[str, str]]:
     return [
         ("name", meta.name),
         ("file", str(path)),
-        ("size", f"{meta.file_size / 1e9:.2f} GB"),
+        ("size", format_size(meta.file_size)),
         ("architecture", meta.architecture),
         ("parameters", f"{params / 1e9:.2f} B" if params >= 1e8 else f"{params:,}"),
         ("quantization", meta.quantization),

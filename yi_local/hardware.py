@@ -7,6 +7,8 @@ import platform
 import shutil
 import subprocess
 
+from yi_local.units import format_size
+
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -76,5 +78,5 @@ def system_summary() -> dict[str, str]:
         "os": f"{platform.system()} {platform.release()}",
         "cpu": cpu_name(),
         "cores": str(cpu_count()),
-        "ram": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "ram": format_size(psutil.virtual_memory().total),
     }

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from yi_local.errors import YiLocalError
     from yi_local.progress import TerminalProgress
     from yi_local.conversion import convert_source
+    from yi_local.units import format_size
 
     src = Path(args.src).expanduser()
     if src.is_file() and src.suffix.lower() != ".gguf":
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}")
     for path in result.files:
-        print(f"wrote {path} ({path.stat().st_size / 1e6:,.1f} MB)")
+        print(f"wrote {path} ({format_size(path.stat().st_size)})")
     if freed:
-        print(f"removed the downloaded weights, freeing {freed / 1e9:.2f} GB")
+        print(f"removed the downloaded weights, freeing {format_size(freed)}")
     return 0

@@ -14,6 +14,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from yi_local.store import list_models, models_dir
+    from yi_local.units import format_size
 
     models = list_models()
     if not models:
@@ -23,6 +24,6 @@ def run(args: argparse.Namespace) -> int:
     for column in ("NAME", "QUANT", "SIZE", "CONTEXT", "PATH"):
         table.add_column(column, justify="right" if column in ("SIZE", "CONTEXT") else "left")
     for m in models:
-        table.add_row(m.name, m.quant, f"{m.size / 1e9:.2f} GB", f"{m.context:,}", str(m.path))
+        table.add_row(m.name, m.quant, format_size(m.size), f"{m.context:,}", str(m.path))
     Console(width=200).print(table)
     return 0

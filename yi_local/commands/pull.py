@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from yi_local.hub import download_path
     from yi_local.progress import TerminalProgress
     from yi_local.pull import pull
+    from yi_local.units import format_size
 
     with TerminalProgress() as progress:
         result = pull(args.name, keep_source=args.keep_source, progress=progress, threads=args.threads)
@@ -44,11 +45,11 @@ def run(args: argparse.Namespace) -> int:
     if result.already_present:
         print(f"{model.full_name} is already in the store: {model.path}")
     else:
-        print(f"pulled {model.full_name}: {model.path} ({model.size / 1e9:.2f} GB)")
+        print(f"pulled {model.full_name}: {model.path} ({format_size(model.size)})")
     if result.kept_source:
         print(f"kept the downloaded weights in {result.kept_source}")
     elif result.freed_bytes:
-        print(f"removed the downloaded weights, freeing {result.freed_bytes / 1e9:.2f} GB")
+        print(f"removed the downloaded weights, freeing {format_size(result.freed_bytes)}")
     elif not result.already_present and download_path(model.repo).is_dir():
         print(f"the downloaded weights stay in {download_path(model.repo)}: another command is using them, "
               "or a pull with --keep-source kept them")  # fmt: skip

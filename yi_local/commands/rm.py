@@ -18,6 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from yi_local.commands.confirm import can_ask, confirm
     from yi_local.errors import YiLocalError
     from yi_local.store import list_models, remove
+    from yi_local.units import format_size
 
     if args.name.startswith(("/", ".", "~")) or args.name.count("/") > 1 or args.name.lower().endswith(".gguf"):
         raise YiLocalError(f"{args.name[:200]} is a path: rm removes models from the store, by name",
@@ -32,10 +33,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.yes:
         if not can_ask():
             raise YiLocalError(f"removing {names} needs confirmation", hint="pass --yes to remove without asking")
-        if not confirm(f"remove {names} ({total / 1e9:.2f} GB)?"):
+        if not confirm(f"remove {names} ({format_size(total)})?"):
             print("kept")
             return 0
     for m in targets:
         remove(m)
-    print(f"removed {names}, freeing {total / 1e9:.2f} GB")
+    print(f"removed {names}, freeing {format_size(total)}")
     return 0

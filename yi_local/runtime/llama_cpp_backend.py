@@ -17,6 +17,7 @@ import numpy as np
 
 from yi_local import hardware
 from yi_local.errors import YiLocalError
+from yi_local.fit import kv_cache_bytes
 from yi_local.gguf_header import check_model, model_meta
 from yi_local.llama_lib import llama_cpp
 from yi_local.runtime.backend import Backend, GrammarDeadEndError, ModelInfo, PrefillCancelled, utf8
@@ -49,7 +50,7 @@ class LlamaCppBackend(Backend):
         gpu = hardware.llama_gpu_kind()
         n_ctx_hint = options.n_ctx or 4096
         head_dim = meta.n_embd // max(1, meta.n_head)
-        kv_bytes = meta.n_layers * n_ctx_hint * meta.n_head_kv * head_dim * 2 * 2
+        kv_bytes = kv_cache_bytes(meta.n_layers, n_ctx_hint, meta.n_head_kv, head_dim)
         plan = plan_offload(options.n_gpu_layers, meta.file_size, meta.n_layers, kv_bytes,
                             gpu, hardware.gpu_free_bytes(gpu))  # fmt: skip
         logger.info("offload: %s", plan.description)

@@ -1,11 +1,13 @@
-"""`--n-gpu-layers auto`: every layer on the GPU when the model fits, else as many as fit, else none."""
+"""`--n-gpu-layers auto`: every layer on the GPU when the model fits, else as many as fit, else none.
+
+"Fits" is `doctor`'s rule (yi_local.fit): weights, KV cache and compute buffers within the headroom.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Room left on the device for the KV cache, compute buffers and other programs.
-HEADROOM = 0.9
+from yi_local.fit import Need, fits, usable_bytes
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,10 @@ def plan_offload(requested: int | str, model_bytes: int, n_layers: int, kv_bytes
         n = int(requested)
         n = total_layers if n < 0 or n > total_layers else n
         return OffloadPlan(n, _describe(gpu_kind, n, total_layers))
-    if free_bytes is None or model_bytes + kv_bytes <= free_bytes * HEADROOM:
+    if free_bytes is None or fits(Need(weights=model_bytes, kv_cache=kv_bytes), free_bytes):
         return OffloadPlan(-1, _describe(gpu_kind, total_layers, total_layers))
     per_layer = (model_bytes + kv_bytes) / total_layers
-    n = max(0, min(total_layers, int(free_bytes * HEADROOM / per_layer)))
+    n = max(0, min(total_layers, int(usable_bytes(free_bytes) / per_layer)))
     return OffloadPlan(n, _describe(gpu_kind, n, total_layers))
 
 
