@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-import time
 from typing import Awaitable, Callable
 
 from textual import work
@@ -24,6 +23,7 @@ from textual.widgets import Footer, ProgressBar, Static
 
 from tui.commands import COMMANDS, matches, parse
 from tui.handoff import Handoff
+from tui.pacing import FRAME_S, FramePacer
 from tui.screens.help import HelpScreen
 from tui.session import Session, check_setting, list_sessions, load_session, lock_session, save_session
 from tui.widgets.messages import ChatLog, NoticeMessage, ReplyMessage, UserMessage
@@ -39,12 +39,6 @@ Loader = Callable[[Callable[[float], None]], Backend]  # called with a progress 
 
 # Warn when a turn leaves less than this share of the context free.
 CONTEXT_WARNING = 0.85
-# While a reply streams, the UI renders at most every FRAME_S and, when frames are costly (a slow CPU, a
-# big terminal), less often, so that it takes about UI_SHARE of a core: on a machine whose cores all run
-# the model, each millisecond the UI takes is one the model waits. The text gathers in between.
-FRAME_S = 1 / 20
-MAX_FRAME_S = 0.5
-UI_SHARE = 0.05
 
 
 class ChatApp(App[None]):
@@ -208,12 +202,12 @@ class ChatApp(App[None]):
                           cancel: threading.Event) -> None:  # fmt: skip
         """The screen's side. The model starts once the message and the reply's place are on screen (so that
         work does not compete with it); then what it writes is rendered at most once a frame, frames spaced
-        so that the UI takes a small share of a core (`UI_SHARE`), and the text gathers in between."""
+        so that the UI never slows the model (`tui.pacing`), and the text gathers in between."""
         await mounted
         await self._next_paint()
         inbox: Handoff[TextDelta | Finish | YiLocalError] = Handoff()
         self._generate(inbox, messages, params, cancel)
-        gap, cpu = FRAME_S, time.thread_time()
+        pacer, gap = FramePacer(), FRAME_S
         while True:
             events = await inbox.take(gap)
             text = "".join(e.text for e in events if isinstance(e, TextDelta))
@@ -226,9 +220,7 @@ class ChatApp(App[None]):
             if isinstance(end, YiLocalError):
                 self._failed(view, end, context_full=isinstance(end, ContextOverflowError))
                 return
-            # This thread's CPU since the last frame: the last frame's layout and paint, and this render.
-            now = time.thread_time()
-            gap, cpu = min(max(FRAME_S, (now - cpu) / UI_SHARE), MAX_FRAME_S), now
+            gap = pacer.gap()  # from the last frame's layout and paint, and this render
 
     async def _finished(self, view: ReplyMessage, finish: Finish) -> None:
         await view.finish({"cancelled": "stopped", "length": "cut at the token limit"}.get(finish.reason))
