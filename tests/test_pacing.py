@@ -36,3 +36,9 @@ def test_the_pacer_reads_this_process(monkeypatch):
     assert pacer.gap() == pytest.approx(0.01 / BUSY_SHARE)
     clock.update(wall=101.0, process=11.2, ui=1.05)  # the next half second, 1.6 cores idle
     assert pacer.gap() == FRAME_S
+
+
+def test_the_first_frame_assumes_a_model_on_the_cpu_keeps_every_core_busy(monkeypatch):
+    pacer = FramePacer(cores=4)
+    assert pacer.first_gap(0.010, model_on_cpu=True) == pytest.approx(0.010 / BUSY_SHARE)
+    assert pacer.first_gap(0.010, model_on_cpu=False) == FRAME_S

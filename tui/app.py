@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from typing import Awaitable, Callable
 
 from textual import work
@@ -23,7 +24,7 @@ from textual.widgets import Footer, ProgressBar, Static
 
 from tui.commands import COMMANDS, matches, parse
 from tui.handoff import Handoff
-from tui.pacing import FRAME_S, FramePacer
+from tui.pacing import FramePacer
 from tui.screens.help import HelpScreen
 from tui.session import Session, check_setting, list_sessions, load_session, lock_session, save_session
 from tui.widgets.messages import ChatLog, NoticeMessage, ReplyMessage, UserMessage
@@ -203,11 +204,14 @@ class ChatApp(App[None]):
         """The screen's side. The model starts once the message and the reply's place are on screen (so that
         work does not compete with it); then what it writes is rendered at most once a frame, frames spaced
         so that the UI never slows the model (`tui.pacing`), and the text gathers in between."""
+        ui_cpu = time.thread_time()
         await mounted
         await self._next_paint()
+        pacer = FramePacer()
+        assert self.backend is not None
+        gap = pacer.first_gap(time.thread_time() - ui_cpu, model_on_cpu=self.backend.info.offload == "CPU")
         inbox: Handoff[TextDelta | Finish | YiLocalError] = Handoff()
         self._generate(inbox, messages, params, cancel)
-        pacer, gap = FramePacer(), FRAME_S
         while True:
             events = await inbox.take(gap)
             text = "".join(e.text for e in events if isinstance(e, TextDelta))

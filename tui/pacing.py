@@ -33,6 +33,13 @@ class FramePacer:
         """(wall clock, this process's CPU on every thread, this thread's CPU)."""
         return time.monotonic(), time.process_time(), time.thread_time()
 
+    def first_gap(self, paint_cpu: float, model_on_cpu: bool) -> float:
+        """The wait before a reply's first frame, before anything is measured: a frame is taken to cost
+        what `paint_cpu` (the UI thread's CPU for the last paint) did, and a model on the CPU to keep
+        every core busy. Starts the first interval."""
+        self._last = self._now()
+        return frame_gap(paint_cpu, self.cores if model_on_cpu else 0.0, 1.0, self.cores)
+
     def gap(self) -> float:
         now = self._now()
         (wall, process, ui), (wall0, process0, ui0) = now, self._last
