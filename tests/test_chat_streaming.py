@@ -15,6 +15,7 @@ from tests.scripted_backend import ScriptedBackend
 from tests.test_tui import SIZE, ready, scripted_app, type_and_send, wait_until
 from tui.app import ChatApp
 from tui.session import Session, Settings
+from tui.widgets.prompt import PromptInput
 from tui.widgets.messages import ReplyMessage
 
 PROSE = ("The model writes this sentence with **bold**, *italic* and `code` in it, long enough to wrap "
@@ -110,3 +111,18 @@ async def test_a_context_overflow_reaches_the_screen_through_the_same_path():
         await type_and_send(pilot, "/clear")
         await pilot.pause()
         assert app.session.messages == []
+
+
+async def test_the_prompt_cursor_stops_blinking_while_the_model_writes():
+    """A blink repaints the prompt twice a second, time a model on a busy CPU waits for."""
+    app, backend = scripted_app("one two three", paced=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        prompt = app.query_one(PromptInput)
+        assert prompt.cursor_blink
+        await type_and_send(pilot, "count")
+        await wait_until(pilot, lambda: backend.prompts)
+        assert app.generating and not prompt.cursor_blink
+        backend.step(3)
+        await wait_until(pilot, lambda: not app.generating)
+        assert prompt.cursor_blink

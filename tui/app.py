@@ -211,20 +211,25 @@ class ChatApp(App[None]):
         assert self.backend is not None
         gap = pacer.first_gap(time.thread_time() - ui_cpu, model_on_cpu=self.backend.info.offload == "CPU")
         inbox: Handoff[TextDelta | Finish | YiLocalError] = Handoff()
+        prompt = self.query_one(PromptInput)
+        prompt.cursor_blink = False  # a blink is a paint twice a second: the model's time too
         self._generate(inbox, messages, params, cancel)
-        while True:
-            events = await inbox.take(gap)
-            text = "".join(e.text for e in events if isinstance(e, TextDelta))
-            if text:
-                await view.write(text)
-            end = events[-1]
-            if isinstance(end, Finish):
-                await self._finished(view, end)
-                return
-            if isinstance(end, YiLocalError):
-                self._failed(view, end, context_full=isinstance(end, ContextOverflowError))
-                return
-            gap = pacer.gap()  # from the last frame's layout and paint, and this render
+        try:
+            while True:
+                events = await inbox.take(gap)
+                text = "".join(e.text for e in events if isinstance(e, TextDelta))
+                if text:
+                    await view.write(text)
+                end = events[-1]
+                if isinstance(end, Finish):
+                    await self._finished(view, end)
+                    return
+                if isinstance(end, YiLocalError):
+                    self._failed(view, end, context_full=isinstance(end, ContextOverflowError))
+                    return
+                gap = pacer.gap()  # from the last frame's layout and paint, and this render
+        finally:
+            prompt.cursor_blink = True
 
     async def _finished(self, view: ReplyMessage, finish: Finish) -> None:
         await view.finish({"cancelled": "stopped", "length": "cut at the token limit"}.get(finish.reason))
