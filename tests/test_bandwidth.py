@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -39,3 +40,18 @@ def test_the_cpu_is_measured_with_llama_cpps_kernel():
 def test_a_gpu_backend_without_figures_is_unknown():
     assert decode_bandwidth("Vulkan") is None
     assert 0 < GPU_SHARE < 1
+
+
+def test_without_llama_cpp_python_the_cpu_is_unknown_not_a_crash(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp._ctypes_extensions", None)  # `import` raises ImportError
+    assert measure_cpu() is None
+
+
+def test_doctor_says_how_to_give_an_unknown_bandwidth(monkeypatch, capsys):
+    from yi_local import bandwidth
+    from yi_local.cli import main
+
+    monkeypatch.setattr(bandwidth, "decode_bandwidth", lambda gpu_kind: None)
+    assert main(["doctor", "--memory", "16"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("bandwidth"))
+    assert line.split(None, 1)[1] == "unknown here: pass --bandwidth GBPS"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tui.pacing import BUSY_SHARE, FRAME_S, MAX_FRAME_S, FramePacer, frame_gap
+from tui.pacing import BUSY_SHARE, FRAME_S, MAX_FRAME_S, FramePacer, frame_gap, runs_on_cpu
 
 
 @pytest.mark.parametrize("process_cpu, cores", [(0.5, 2), (1.0, 4), (3.2, 4), (0.0, 1)])
@@ -42,3 +42,9 @@ def test_the_first_frame_assumes_a_model_on_the_cpu_keeps_every_core_busy(monkey
     pacer = FramePacer(cores=4)
     assert pacer.first_gap(0.010, model_on_cpu=True) == pytest.approx(0.010 / BUSY_SHARE)
     assert pacer.first_gap(0.010, model_on_cpu=False) == FRAME_S
+
+
+@pytest.mark.parametrize("offload, on_cpu", [("CPU", True), ("CUDA 20/33 layers", True), ("CUDA 33/33 layers", False),
+                                             ("Metal", False), ("CUDA", False), ("Metal 0/33 layers", True)])  # fmt: skip
+def test_which_models_run_on_the_cpu(offload, on_cpu):
+    assert runs_on_cpu(offload) is on_cpu

@@ -24,7 +24,7 @@ from textual.widgets import Footer, ProgressBar, Static
 
 from tui.commands import COMMANDS, matches, parse
 from tui.handoff import Handoff
-from tui.pacing import FramePacer
+from tui.pacing import FramePacer, runs_on_cpu
 from tui.screens.help import HelpScreen
 from tui.session import Session, check_setting, list_sessions, load_session, lock_session, save_session
 from tui.widgets.messages import ChatLog, NoticeMessage, ReplyMessage, UserMessage
@@ -209,10 +209,10 @@ class ChatApp(App[None]):
         await self._next_paint()
         pacer = FramePacer()
         assert self.backend is not None
-        gap = pacer.first_gap(time.thread_time() - ui_cpu, model_on_cpu=self.backend.info.offload == "CPU")
+        gap = pacer.first_gap(time.thread_time() - ui_cpu, model_on_cpu=runs_on_cpu(self.backend.info.offload))
         inbox: Handoff[TextDelta | Finish | YiLocalError] = Handoff()
         prompt = self.query_one(PromptInput)
-        prompt.cursor_blink = False  # a blink is a paint twice a second: the model's time too
+        blink, prompt.cursor_blink = prompt.cursor_blink, False  # a blink is a paint twice a second: the model's time too
         self._generate(inbox, messages, params, cancel)
         try:
             while True:
@@ -229,7 +229,7 @@ class ChatApp(App[None]):
                     return
                 gap = pacer.gap()  # from the last frame's layout and paint, and this render
         finally:
-            prompt.cursor_blink = True
+            prompt.cursor_blink = blink
 
     async def _finished(self, view: ReplyMessage, finish: Finish) -> None:
         await view.finish({"cancelled": "stopped", "length": "cut at the token limit"}.get(finish.reason))
@@ -252,7 +252,10 @@ class ChatApp(App[None]):
         """Returns once the screen shows what has changed so far."""
         painted = asyncio.get_running_loop().create_future()
         self.call_after_refresh(lambda: painted.done() or painted.set_result(None))
-        await painted
+        try:  # a screen dismissed before its next idle drops its callbacks: never wait forever
+            await asyncio.wait_for(painted, 1.0)
+        except asyncio.TimeoutError:
+            pass
 
     def _failed(self, view: ReplyMessage, error: YiLocalError, context_full: bool = False) -> None:
         self.cancel = None

@@ -46,16 +46,18 @@ class Handoff(Generic[T]):
 
     async def take(self, gap: float = 0.0) -> list[T]:
         """Every item put since the last take (at least one), in order; waits up to `gap` s after the last take."""
-        await self._ready.wait()
-        wait = self._taken_at + gap - self._loop.time()
-        if wait > 0 and not self._last.is_set():
-            try:
-                await asyncio.wait_for(self._last.wait(), wait)
-            except asyncio.TimeoutError:
-                pass
-        self._ready.clear()
-        with self._lock:
-            items, self._items = self._items, []
-            self._woken = False
-        self._taken_at = self._loop.time()
-        return items
+        while True:
+            await self._ready.wait()
+            wait = self._taken_at + gap - self._loop.time()
+            if wait > 0 and not self._last.is_set():
+                try:
+                    await asyncio.wait_for(self._last.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+            self._ready.clear()
+            with self._lock:
+                items, self._items = self._items, []
+                self._woken = False
+            if items:  # a late wake-up may find its items taken already: wait for the next ones
+                self._taken_at = self._loop.time()
+                return items

@@ -36,6 +36,7 @@ APPLE_GBPS = {
 # The share of a GPU's peak llama.cpp's decode reaches: 57% on an M1 Max (Llama-3.1-8B Q4_K_M,
 # 46 tok/s × 4.9 GB of 400 GB/s), 85% on an M4, ~57% on an RTX 4090 (7B Q4_0).
 GPU_SHARE = 0.6
+COPY_SHARE = 0.85  # the share of the peak a device-to-device copy reaches
 MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS
 
 
@@ -112,7 +113,7 @@ def measure_cpu(threads: int | None = None) -> Bandwidth | None:
 
     try:
         base, cpu = _ggml()
-    except (OSError, AttributeError, RuntimeError, YiLocalError):
+    except (ImportError, OSError, AttributeError, RuntimeError, YiLocalError):  # no llama-cpp-python, or not this one
         return None
     threads = min(threads or hardware.cpu_count(), MAX_THREADS)
     cols, (block, block_bytes) = 4096, GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
@@ -159,24 +160,34 @@ def _ggml() -> tuple[ctypes.CDLL, ctypes.CDLL]:
 
 
 def measure_cuda() -> Bandwidth | None:
-    """A device-to-device copy with torch, when it is installed with CUDA."""
+    """A device-to-device copy with torch, when it is installed with CUDA, over up to 1 GiB (a quarter of
+    what is free). A copy reaches about `COPY_SHARE` of the peak; decoding `GPU_SHARE` of it."""
     try:
         import torch
     except ImportError:
         return None
-    if not torch.cuda.is_available():
-        return None
-    size = 1 << 30
-    src, dst = torch.ones(size, dtype=torch.uint8, device="cuda"), torch.empty(size, dtype=torch.uint8, device="cuda")
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(5):
+    try:
+        if not torch.cuda.is_available():
+            return None
+        size = min(1 << 30, torch.cuda.mem_get_info()[0] // 4)
+        if size < 64 << 20:
+            return None
+        src, dst = torch.ones(size, dtype=torch.uint8, device="cuda"), torch.empty(size, dtype=torch.uint8, device="cuda")
         dst.copy_(src)
-    torch.cuda.synchronize()
-    gbps = 2 * size * 5 / (time.perf_counter() - start) / 1e9
-    name = torch.cuda.get_device_name(0)
-    return Bandwidth(gbps * 1e9 * GPU_SHARE, f"{name}: a copy measured {gbps:.0f} GB/s; × {GPU_SHARE:.0%} for llama.cpp")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(5):
+            dst.copy_(src)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        name = torch.cuda.get_device_name(0)
+        del src, dst
+        torch.cuda.empty_cache()
+    except RuntimeError:  # out of memory (another process holds the card), a driver error
+        return None
+    gbps = 2 * size * 5 / elapsed / 1e9
+    share = GPU_SHARE / COPY_SHARE
+    return Bandwidth(gbps * 1e9 * share, f"{name}: a copy measured {gbps:.0f} GB/s; × {share:.0%} for llama.cpp")
 
 
 def _buffer_bytes() -> int:

@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         ("GPU", f"{gpu}, {format_size(free_gpu)} free" if gpu and free_gpu is not None
          else (gpu or "none llama.cpp can use (see the README to build llama-cpp-python with Metal or CUDA)")),  # fmt: skip
         ("torch", _torch_line()),
-        ("bandwidth", bandwidth.how if bandwidth else f"unknown for this {gpu} GPU: pass --bandwidth GBPS"),
+        ("bandwidth", bandwidth.how if bandwidth else f"unknown {f'for this {gpu} GPU' if gpu else 'here'}: "
+                                                       "pass --bandwidth GBPS"),
     ]
     for key, value in rows:
         console.print(f"[bold]{key:<10}[/bold] {value}", highlight=False)
