@@ -19,6 +19,7 @@ from converters.tensors import plan_tensors
 from converters.vocab import Vocab, read_vocab
 from yi_local.atomic import atomic_output, check_room, check_writable, scratch_file
 from yi_local.errors import YiLocalError
+from yi_local.runtime.params import MAX_THREADS  # ggml's GGML_MAX_N_THREADS: more aborts llama.cpp (its quantizer too)
 from yi_local.gguf_header import Header, check_model, model_meta
 from yi_local.hardware import cpu_count
 from yi_local.quant_types import AUTO_OUT_TYPE, OUT_TYPES, UNQUANTIZED, OutType, QuantType, parse_outtype, parse_quant
@@ -34,7 +35,6 @@ class ConvertResult:
 # The files of a model folder the converter reads, besides the weights: none may be overwritten.
 INPUT_FILES = ("config.json", "tokenizer.model", "tokenizer_config.json", "tokenizer.json", "generation_config.json",
                "model.safetensors.index.json", "chat_template.json", "chat_template.jinja")  # fmt: skip
-MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS; llama.cpp's quantizer aborts when it cannot start that many
 
 
 def _threads(threads: int | None) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from yi_local import hardware
 from yi_local.errors import YiLocalError
+from yi_local.runtime.params import MAX_THREADS  # ggml's GGML_MAX_N_THREADS: more aborts llama.cpp (its quantizer too)
 from yi_local.llama_lib import llama_cpp
 from yi_local.units import format_size
 
@@ -37,7 +38,6 @@ APPLE_GBPS = {
 # 46 tok/s × 4.9 GB of 400 GB/s), 85% on an M4, ~57% on an RTX 4090 (7B Q4_0).
 GPU_SHARE = 0.6
 COPY_SHARE = 0.85  # the share of the peak a device-to-device copy reaches
-MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS
 
 
 @dataclass(frozen=True)
