@@ -2,8 +2,9 @@
 
 Both real commands run in a pseudo-terminal (120×40) that this script reads as a terminal would, with a
 small screen model for what Textual writes. Same model, greedy, 400-token replies, 2 threads. The chat
-gets ten turns; at turns 1, 5 and 10 it is compared with `run` given a prompt as long as the chat's
-context at that turn (a separate process cannot reuse the chat's KV cache, so `run` evaluates all of it).
+gets ten turns; at turns 1, 5 and 10 it is compared with `run` given the same conversation, run just
+before and just after the chat's reply while the chat waits idle, and averaged: both sides see the machine
+as it is at that moment (a separate process cannot reuse the chat's KV cache, so `run` evaluates all of it).
 
 Per turn: the generator's tokens/s (the runtime's own figure: the chat's status line, `run
 --verbose-timings`), the time from Enter until the whole reply is on the screen (chat) or from the
@@ -257,16 +258,21 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "yi_local", *args]
 
 
-def chat(model: Path, turns: int, threads: int, env: dict[str, str]) -> tuple[dict[int, Turn], list[dict]]:
+def chat(model: Path, turns: list[int], threads: int, env: dict[str, str]) -> dict[int, tuple[Turn, Turn]]:
+    """The chat's ten turns; at each of `turns`, `run` given the same conversation just before and just
+    after the chat's reply (the chat waits idle meanwhile), so both sides see the same machine. Per turn:
+    (chat, run with its speeds averaged over the two runs)."""
     session = f"bench-{model.stem}"
     term = Terminal(command("chat", str(model), "--temperature", "0", "--max-tokens", str(REPLY_TOKENS),
                             "--ctx", str(CTX), "--threads", str(threads), "--session", session), env)  # fmt: skip
     status = lambda s: s.line(0)  # noqa: E731
     term.wait(lambda s: f"ctx 0/{CTX}" in status(s), what="the model loaded")
     term.settle()
-    results, used = {}, 0
-    for turn in range(1, turns + 1):
+    results, used, messages = {}, 0, []
+    for turn in range(1, max(turns) + 1):
         message = user_message(turn)
+        prompt = "\n\n".join([m["content"] for m in messages] + [message])
+        before = run(model, prompt, threads, env) if turn in turns else None
         term.write(message.encode())
         term.wait(lambda s, m=message: any(m in line for line in s.lines()), what="the message typed")
         term.settle(0.2)
@@ -279,10 +285,17 @@ def chat(model: Path, turns: int, threads: int, env: dict[str, str]) -> tuple[di
         term.settle()
         messages = json.loads((Path(env["YI_LOCAL_HOME"]) / "sessions" / f"{session}.json").read_text())["messages"]
         _check_screen(turn, messages, term.screen)
-        results[turn] = Turn(tps, done - sent, done - first, context_before)
+        if before is not None:
+            after = run(model, prompt, threads, env)
+            results[turn] = Turn(tps, done - sent, done - first, context_before), mean(before, after)
     term.write(b"\x11")  # Ctrl+Q
     term.finish()
-    return results, messages
+    return results
+
+
+def mean(a: Turn, b: Turn) -> Turn:
+    return Turn((a.tps + b.tps) / 2, (a.to_screen_s + b.to_screen_s) / 2, (a.streaming_s + b.streaming_s) / 2,
+                a.context)
 
 
 def _finished(status: str, context_before: str) -> bool:
@@ -349,14 +362,12 @@ def main() -> int:
     for name, model in found.items():
         with tempfile.TemporaryDirectory() as home:
             env = {"YI_LOCAL_HOME": home, "HF_HUB_OFFLINE": "1", "TERM": "xterm-256color"}
-            chat_turns, messages = chat(model, max(args.turns), args.threads, env)
+            measured = chat(model, sorted(set(args.turns)), args.threads, env)
             rows = [["turn", "context (chat/run)", "tok/s run", "tok/s chat", "×",
                      "Enter→on screen: chat (s)", "run (s)", "first→last on screen: chat (s)", "run (s)", "×"]]  # fmt: skip
             speeds, screens = [], []
-            for turn in args.turns:
-                before = messages[: 2 * (turn - 1)]
-                prompt = "\n\n".join([m["content"] for m in before] + [user_message(turn)])
-                r, c = run(model, prompt, args.threads, env), chat_turns[turn]
+            for turn in sorted(set(args.turns)):
+                c, r = measured[turn]
                 speeds.append(c.tps / r.tps)
                 screens.append(r.streaming_s / c.streaming_s)
                 rows.append([str(turn), f"{c.context}/{r.context}", f"{r.tps:.1f}", f"{c.tps:.1f}", f"{speeds[-1]:.2f}",
