@@ -21,9 +21,7 @@ class ScriptedBackend(Backend):
         self.info = ModelInfo(name="Yi-Scripted", path="scripted.gguf", quantization="Q4_K_M", n_ctx=n_ctx,
                               n_ctx_train=4096, n_layers=2, offload="CPU", backend="scripted",
                               chat_template=YI_CHAT_TEMPLATE, bos_token="<|startoftext|>", eos_token="<|im_end|>")  # fmt: skip
-        self.lock = threading.Lock()
         self._pieces = {}
-        self._cache, self._generated = [], []  # the script keeps no KV cache
         self.replies = list(replies)
         self.paced = paced
         self.delay = delay
@@ -58,16 +56,17 @@ class ScriptedBackend(Backend):
     def reset(self) -> None:
         self.resets += 1
 
-    def _prefill(self, tokens, cancel=None):  # pragma: no cover - generate() is scripted
+    # generate() is scripted: the engine's steps are never called
+    def _slot_truncate(self, seq, keep):  # pragma: no cover
         raise NotImplementedError
 
-    def _begin_sampling(self, params, prompt):  # pragma: no cover
+    def _decode(self, batch):  # pragma: no cover
         raise NotImplementedError
 
-    def _sample(self):  # pragma: no cover
+    def _begin_sampling(self, seq, params, prompt):  # pragma: no cover
         raise NotImplementedError
 
-    def _feed(self, token):  # pragma: no cover
+    def _sample(self, seq, row):  # pragma: no cover
         raise NotImplementedError
 
     def generate(self, prompt: list[int], params: SamplingParams, cancel: threading.Event | None = None) -> Iterator[Event]:

@@ -7,6 +7,8 @@ that admits no token made its sampler throw a C++ exception through ctypes.
 
 from __future__ import annotations
 
+import time
+
 import json
 import re
 import subprocess
@@ -178,13 +180,15 @@ def test_a_grammar_child_that_dies_mid_reply_ends_the_reply(chat_gguf):
     backend = load_backend(str(chat_gguf), LoadOptions(n_ctx=256, n_threads=2))
     params = SamplingParams(max_tokens=60, temperature=1.0, seed=1, grammar="root ::= [a-z ]+",
                             logit_bias={2: -100.0, 7: -100.0})  # fmt: skip
+    backend.engine.on_step = lambda batch: time.sleep(0.01)  # the engine must not finish the reply first
     events = backend.generate(backend.tokenize("hi"), params)
     text = next(events).text
-    os.kill(backend._grammar_box("generate")._proc.pid, signal.SIGKILL)
+    os.kill(backend._grammar_box("generate-0")._proc.pid, signal.SIGKILL)
     with pytest.raises(SandboxError, match="ended"):
         for event in events:
             text += getattr(event, "text", "")
     assert set(text) <= set("abcdefghijklmnopqrstuvwxyz ")
+    backend.engine.on_step = None
     text = "".join(e.text for e in backend.generate(backend.tokenize("hi"), params) if isinstance(e, TextDelta))
     assert text and set(text) <= set("abcdefghijklmnopqrstuvwxyz ")  # a new reply gets a new child
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tui.pacing import BUSY_SHARE, FRAME_S, MAX_FRAME_S, FramePacer, frame_gap, runs_on_cpu
+from tui.pacing import BUSY_SHARE, FRAME_S, MAX_FRAME_S, FramePacer, frame_gap
+from yi_local.runtime.backend import ModelInfo
 
 
 @pytest.mark.parametrize("process_cpu, cores", [(0.5, 2), (1.0, 4), (3.2, 4), (0.0, 1)])
@@ -44,7 +45,9 @@ def test_the_first_frame_assumes_a_model_on_the_cpu_keeps_every_core_busy(monkey
     assert pacer.first_gap(0.010, model_on_cpu=False) == FRAME_S
 
 
-@pytest.mark.parametrize("offload, on_cpu", [("CPU", True), ("CUDA 20/33 layers", True), ("CUDA 33/33 layers", False),
-                                             ("Metal", False), ("CUDA", False), ("Metal 0/33 layers", True)])  # fmt: skip
-def test_which_models_run_on_the_cpu(offload, on_cpu):
-    assert runs_on_cpu(offload) is on_cpu
+@pytest.mark.parametrize("gpu_layers, on_cpu", [(0, True), (20, True), (33, False)])
+def test_which_models_run_on_the_cpu(gpu_layers, on_cpu):
+    info = ModelInfo(name="m", path="m.gguf", quantization="Q4_K_M", n_ctx=4096, n_ctx_train=4096, n_layers=33,
+                     offload="x", backend="llama.cpp", chat_template=None, bos_token="", eos_token="",
+                     gpu_layers=gpu_layers)  # fmt: skip
+    assert info.runs_on_cpu is on_cpu

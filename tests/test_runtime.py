@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import llama_cpp
 import pytest
@@ -10,7 +11,8 @@ import pytest
 from converters.convert import convert
 from yi_local.errors import YiLocalError
 from yi_local.runtime import Finish, LoadOptions, SamplingParams, TextDelta, load_backend
-from yi_local.runtime.backend import ContextOverflowError, StopMatcher
+from yi_local.runtime.backend import ContextOverflowError
+from yi_local.runtime.reply import StopMatcher
 
 GREEDY = dict(temperature=0.0)
 NO_END = {2: -100.0, 7: -100.0}  # keep the random model talking: <|endoftext|> and <|im_end|> both end a reply
@@ -123,13 +125,21 @@ def test_generation_stops_at_the_context_end(backend):
 
 
 def test_cancel_stops_generation(backend):
+    """The engine generates ahead of its reader; a cancel stops it at its next step, and the reader still
+    gets every token generated until then, then a Finish that counts exactly those."""
     cancel = threading.Event()
     events = []
-    for event in backend.generate(backend.tokenize("go on"), SamplingParams(max_tokens=100, logit_bias=NO_END), cancel):
-        events.append(event)
-        if len(events) == 3:
-            cancel.set()
-    assert events[-1].reason == "cancelled" and events[-1].usage.completion_tokens == 3
+    backend.engine.on_step = lambda batch: time.sleep(0.002)  # slower than the reader
+    try:
+        for event in backend.generate(backend.tokenize("go on"), SamplingParams(max_tokens=100, logit_bias=NO_END), cancel):
+            events.append(event)
+            if len(events) == 3:
+                cancel.set()
+    finally:
+        backend.engine.on_step = None
+    finish = events[-1]
+    assert finish.reason == "cancelled" and 3 <= finish.usage.completion_tokens <= 5
+    assert finish.usage.completion_tokens == sum(len(e.token_ids) for e in events[:-1])
 
 
 def test_seeded_sampling_is_reproducible(backend):
@@ -223,7 +233,7 @@ def test_prompts_can_be_prepared_while_another_request_generates(backend):
     text, ids, _ = collect(backend.generate(backend.chat_tokens(turn1), params))
     turn2 = turn1 + [{"role": "assistant", "content": text}, {"role": "user", "content": "more"}]
     expected = backend.chat_tokens(turn2)
-    backend._cache.append(ids[-1])  # the worker, half-way through recording the next token
+    backend.engine.slots[0].cache.append(ids[-1])  # the worker, half-way through recording the next token
     try:
         assert backend.chat_tokens(turn2) == expected
     finally:
@@ -239,7 +249,8 @@ def test_reuse_never_splits_a_character(backend):
     collect(backend.generate(prompt, SamplingParams(max_tokens=1)))
     first_bytes = [9 + b for b in "你".encode()[:2]]  # the fixture's byte pieces <0x00>..<0xFF> start at id 9
     assert [backend.token_bytes(t) for t in first_bytes] == [b"\xe4", b"\xbd"]
-    backend._cache, backend._generated = prompt + first_bytes, [False] * len(prompt) + [True, True]
+    slot = backend.engine.slots[0]
+    slot.cache, slot.generated = prompt + first_bytes, [False] * len(prompt) + [True, True]
     turn2 = turn1 + [{"role": "assistant", "content": "你"}, {"role": "user", "content": "again"}]
     tokens = backend.chat_tokens(turn2)
     assert b"".join(backend._piece(t) for t in tokens) == backend.render_chat(turn2).encode()

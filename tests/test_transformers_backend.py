@@ -16,6 +16,7 @@ from tests.conftest import REPO, run_cli  # noqa: E402
 from tests.server_helpers import running_server  # noqa: E402
 from yi_local.errors import YiLocalError  # noqa: E402
 from yi_local.runtime import LoadOptions, SamplingParams, load_backend  # noqa: E402
+from yi_local.runtime.engine import Chunk  # noqa: E402
 from yi_local.runtime.transformers_backend import TransformersBackend  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello Yi, 你好！"}]
@@ -48,7 +49,8 @@ def test_info_and_eos(backend):
 def test_logits_equal_transformers(backend, hf_model):
     backend.reset()
     prompt = backend.chat_tokens(MESSAGES)
-    backend._prefill(prompt)
+    backend._slot_truncate(0, 0)
+    backend._decode([Chunk(0, prompt, 0, True)])
     with torch.no_grad():
         reference = hf_model(torch.tensor([prompt])).logits[0, -1]
     assert torch.allclose(backend._logits, reference, atol=1e-5, rtol=1e-5)
@@ -217,3 +219,9 @@ def test_compiled_static_decode_gives_the_same_tokens(chat_dir, backend):
     expected = collect(backend.generate(backend.chat_tokens(MESSAGES), params))[1]
     for _ in range(2):
         assert collect(compiled.generate(compiled.chat_tokens(MESSAGES), params))[1] == expected
+
+
+def test_parallel_sequences_are_refused_with_a_way_out(chat_dir):
+    with pytest.raises(YiLocalError, match="one sequence at a time") as e:
+        TransformersBackend(chat_dir, LoadOptions(n_ctx=512, n_parallel=2))
+    assert "llama.cpp backend" in e.value.hint

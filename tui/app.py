@@ -24,7 +24,7 @@ from textual.widgets import Footer, ProgressBar, Static
 
 from tui.commands import COMMANDS, matches, parse
 from tui.handoff import Handoff
-from tui.pacing import FramePacer, runs_on_cpu
+from tui.pacing import FramePacer
 from tui.screens.help import HelpScreen
 from tui.session import Session, check_setting, list_sessions, load_session, lock_session, save_session
 from tui.widgets.messages import ChatLog, NoticeMessage, ReplyMessage, UserMessage
@@ -209,7 +209,7 @@ class ChatApp(App[None]):
         await self._next_paint()
         pacer = FramePacer()
         assert self.backend is not None
-        gap = pacer.first_gap(time.thread_time() - ui_cpu, model_on_cpu=runs_on_cpu(self.backend.info.offload))
+        gap = pacer.first_gap(time.thread_time() - ui_cpu, model_on_cpu=self.backend.info.runs_on_cpu)
         inbox: Handoff[TextDelta | Finish | YiLocalError] = Handoff()
         prompt = self.query_one(PromptInput)
         blink, prompt.cursor_blink = prompt.cursor_blink, False  # a blink is a paint twice a second: the model's time too

@@ -21,15 +21,6 @@ BUSY_SHARE = 0.02
 SPARE_CORE = 0.75  # the process leaves at least this much of a core idle: painting is free
 
 
-def runs_on_cpu(offload: str) -> bool:
-    """Whether a model loaded as `offload` (ModelInfo.offload: "CPU", "Metal", "CUDA 20/33 layers") runs
-    layers on the CPU: everything but a full GPU offload."""
-    if offload == "CPU":
-        return True
-    done, _, total = offload.partition(" ")[2].partition(" ")[0].partition("/")
-    return done.isdigit() and total.isdigit() and int(done) < int(total)
-
-
 class FramePacer:
     """Call `gap()` on the UI thread after each frame: the time to wait before the next one."""
 

@@ -136,9 +136,9 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = SAMPL
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at TEXT (repeatable)")
 
 
-def load_options(args: argparse.Namespace, on_progress=None) -> LoadOptions:
+def load_options(args: argparse.Namespace, on_progress=None, n_parallel: int = 1) -> LoadOptions:
     return LoadOptions(n_gpu_layers=args.n_gpu_layers, n_ctx=args.ctx, n_threads=args.threads,
-                       n_batch=args.batch, on_progress=on_progress)  # fmt: skip
+                       n_batch=args.batch, n_parallel=n_parallel, on_progress=on_progress)  # fmt: skip
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

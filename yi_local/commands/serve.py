@@ -1,8 +1,9 @@
 """Serve a model over a local OpenAI-compatible HTTP API, with a web chat page at /.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (streamed as SSE or not), GET /v1/models,
-GET /health, and GET / (the chat page). Requests queue fairly; a client that disconnects stops its
-generation at once. Sampling flags set the defaults for requests that leave them out.
+GET /health, and GET / (the chat page). Up to --parallel requests are decoded together, each with its
+own --ctx; more wait in a fair queue of --queue places (past it: 503 with Retry-After). A client that
+disconnects stops its generation at once. Sampling flags set the defaults for requests that leave them out.
 
 Web pages cannot drive it: POST bodies must be application/json, the Host header must name this
 machine (--allow-host adds names), and browser requests need an allowed --cors-origin.
@@ -10,6 +11,7 @@ machine (--allow-host adds names), and browser requests need an allowed --cors-o
 Examples:
   yi-local serve Yi-6B-Chat-Q4_K_M.gguf
   yi-local serve Yi-6B-Chat-Q4_K_M.gguf --port 9000 --api-key secret --cors-origin http://localhost:3000
+  yi-local serve Yi-6B-Chat-Q4_K_M.gguf --parallel 8 --ctx 8192
 Then point any OpenAI client at http://127.0.0.1:8080/v1 (the api key may be anything unless --api-key is set).
 """
 
@@ -23,10 +25,14 @@ from yi_local.commands.options import (
     add_model_arg,
     add_runtime_args,
     add_sampling_args,
+    limited,
     load_options,
     resolve_model,
     sampling_params,
 )
+from yi_local.runtime.params import LOAD_LIMITS, PARALLEL_CPU, PARALLEL_GPU, Limit
+
+QUEUE_LIMIT = Limit(0, 1 << 20, integer=True)
 
 API_KEY_ENV = "YI_LOCAL_API_KEY"
 # Seconds a client may take to send its request headers, and its body (slow networks may need more).
@@ -72,7 +78,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also answer requests whose Host header names NAME (repeatable; '*' turns the check off, "
                    "e.g. behind a reverse proxy). By default only localhost and the bound address are answered")  # fmt: skip
     add_runtime_args(p)
+    g = p.add_argument_group("requests")
+    g.add_argument("--parallel", "-np", type=_parallel, default="auto", metavar="auto|N",
+                   help=f"requests decoded together in one batch, each with its own --ctx of KV cache (auto: "
+                   f"{PARALLEL_GPU} with a GPU, {PARALLEL_CPU} on the CPU, 1 with --backend transformers, which "
+                   "decodes one at a time)")  # fmt: skip
+    g.add_argument("--queue", type=limited(QUEUE_LIMIT), default=64, metavar="N",
+                   help="requests that may wait for a free slot; more are refused with 503 and Retry-After "
+                   "(default 64)")  # fmt: skip
     add_sampling_args(p, max_tokens=None)
+
+
+def _parallel(text: str) -> int | str:
+    return "auto" if text == "auto" else limited(LOAD_LIMITS["n_parallel"])(text)
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -92,7 +110,9 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from yi_local import hardware
     from yi_local.runtime import load_backend
+    from yi_local.runtime.params import auto_parallel
     from yi_local.server import http
     from yi_local.server.app import BODY_SECONDS, create_app
     from yi_local.server.security import is_loopback
@@ -109,14 +129,19 @@ def run(args: argparse.Namespace) -> int:
             print("yi-local: warning: --cors-origin '*' without an API key: any web page you visit can use the "
                   f"model. Set --api-key (or ${API_KEY_ENV}).", file=sys.stderr, flush=True)  # fmt: skip
         model, backend_name = resolve_model(args)
-        backend = load_backend(model, load_options(args), backend=backend_name)
+        parallel = args.parallel
+        if parallel == "auto":
+            parallel = auto_parallel(hardware.llama_gpu_kind() if backend_name == "llama.cpp" else None,
+                                     args.n_gpu_layers, backend_name)  # fmt: skip
+        backend = load_backend(model, load_options(args, n_parallel=parallel), backend=backend_name)
         info = backend.info
         app = create_app(backend, api_key=key, cors_origins=args.cors_origin, defaults=defaults, host=args.host,
-                         allowed_hosts=args.allow_host, body_seconds=body_seconds)  # fmt: skip
+                         allowed_hosts=args.allow_host, body_seconds=body_seconds, max_queue=args.queue)  # fmt: skip
         sock.listen(2048)  # connections from the moment the banner says so are queued, not refused
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        print(f"yi-local: serving {info.name} ({info.quantization}, {info.offload}, ctx {info.n_ctx}) "
+        print(f"yi-local: serving {info.name} ({info.quantization}, {info.offload}, ctx {info.n_ctx}, "
+              f"{info.n_parallel} parallel) "
               f"at http://{shown}:{port}/  (OpenAI API at /v1)", file=sys.stderr, flush=True)  # fmt: skip
         http.run(app, sock, header_seconds=header_seconds, on_exit=app.state.scheduler.cancel_all)
     return 0

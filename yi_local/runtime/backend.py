@@ -9,19 +9,21 @@ max_tokens, cancellation, usage and timings.
 from __future__ import annotations
 
 import bisect
-import codecs
+import queue
 import re
 import threading
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from yi_local.errors import YiLocalError
 from yi_local.runtime.chat_template import ChatPrompt, render_chat
-from yi_local.runtime.events import Event, Finish, TextDelta, Timings, Usage
+from yi_local.runtime.engine import Chunk, Engine
+from yi_local.runtime.events import Event
 from yi_local.runtime.grammar import check_grammar
 from yi_local.runtime.params import ParamError, SamplingParams
+
+__all__ = ["Backend", "Chunk", "ContextOverflowError", "ModelInfo", "utf8"]
 
 
 class ContextOverflowError(YiLocalError):
@@ -48,16 +50,12 @@ def utf8(text: str) -> bytes:
                            "not a Unicode character (a lone surrogate)", hint="send valid Unicode text") from None
 
 
-class PrefillCancelled(Exception):
-    """Raised by `_prefill` between chunks when the request was cancelled."""
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
     path: str
     quantization: str  # e.g. Q4_K_M
-    n_ctx: int  # the context this backend was loaded with
+    n_ctx: int  # the context of each sequence
     n_ctx_train: int
     n_layers: int
     offload: str  # "CPU", "Metal", "CUDA 33/33 layers"
@@ -65,15 +63,22 @@ class ModelInfo:
     chat_template: str | None
     bos_token: str
     eos_token: str
+    gpu_layers: int = 0  # layers on a GPU (all of them: n_layers)
+    n_parallel: int = 1  # sequences decoded together
+
+    @property
+    def runs_on_cpu(self) -> bool:
+        """Some layers run on the CPU (all but a full GPU offload): the model keeps the cores busy."""
+        return self.gpu_layers < self.n_layers
 
 
 class Backend(ABC):
+    """A loaded model: tokenization and prompt layout here, the model's own steps in each backend, and
+    generation in the `Engine`, which drives those steps for every sequence at once."""
+
     info: ModelInfo
-    # Serializes generation: one request owns the model's KV cache at a time.
-    lock: threading.Lock
     _pieces: dict[int, bytes]  # token id -> its text, special tokens spelled out
-    _cache: list[int]  # the tokens whose keys and values the KV cache holds, in order
-    _generated: list[bool]  # per cached token: sampled by the model rather than read from a prompt
+    _engine: Engine | None = None
 
     # -- model-specific steps -------------------------------------------------------------
     @abstractmethod
@@ -95,46 +100,50 @@ class Backend(ABC):
     def n_vocab(self) -> int:
         """Token ids are 0..n_vocab-1."""
 
+    # The engine's steps, called from its worker thread only. A slot is a sequence of the model's
+    # context (0..n_parallel-1) with KV cells of its own.
+    @abstractmethod
+    def _slot_truncate(self, seq: int, keep: int) -> int:
+        """Drop the slot's cache after its first `keep` tokens; return how many it keeps (0 if it cannot cut)."""
+
+    @abstractmethod
+    def _decode(self, batch: list[Chunk]) -> None:
+        """Evaluate the chunks together; keep logits for the last token of each chunk that wants them.
+
+        Raise YiLocalError on failure."""
+
+    @abstractmethod
+    def _begin_sampling(self, seq: int, params: SamplingParams, prompt: list[int]) -> None: ...
+
+    @abstractmethod
+    def _sample(self, seq: int, row: int) -> int:
+        """A token for the slot from the logits at batch row `row` of the last `_decode`."""
+
+    def _end_sampling(self, seq: int) -> None:
+        """The slot's reply has ended: free its sampler."""
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self, self.info.n_parallel, self.n_batch)
+        return self._engine
+
+    @property
+    def n_batch(self) -> int:
+        """Tokens one step may evaluate."""
+        return 512
+
     def cached_tokens(self) -> list[int]:
-        """The tokens whose keys and values the cache holds now, in order."""
-        return self._cache
+        """The tokens the first slot's cache holds now, in order."""
+        return self.engine.caches()[0][0]
 
-    def cached_generated(self) -> list[bool]:
-        """For each cached token: True if the model generated it, False if it came from a prompt."""
-        return self._generated
-
-    def _reusable_prefix(self, tokens: list[int]) -> int:
-        """How many leading `tokens` the cache holds already; the last one is always evaluated again,
-        since its logits are needed to sample."""
-        reuse = 0
-        for a, b in zip(self._cache, tokens):
-            if a != b:
-                break
-            reuse += 1
-        return min(reuse, len(tokens) - 1)
-
-    @abstractmethod
     def reset(self) -> None:
-        """Empty the KV cache."""
-
-    @abstractmethod
-    def _prefill(self, tokens: list[int], cancel: threading.Event | None = None) -> int:
-        """Make the KV cache hold `tokens` with logits for the last one; return how many were reused.
-
-        May raise PrefillCancelled between chunks once `cancel` is set."""
-
-    @abstractmethod
-    def _begin_sampling(self, params: SamplingParams, prompt: list[int]) -> None: ...
-
-    @abstractmethod
-    def _sample(self) -> int: ...
-
-    @abstractmethod
-    def _feed(self, token: int) -> None:
-        """Evaluate one generated token so the next can be sampled."""
+        """Empty the KV cache of every slot that is not generating."""
+        self.engine.reset()
 
     def close(self) -> None:
-        pass
+        if self._engine is not None:
+            self._engine.close()
 
     # -- shared --------------------------------------------------------------------------
     @property
@@ -246,13 +255,23 @@ class Backend(ABC):
         tokenized as usual. Control tokens split tokenization into independent pieces, so text from
         a prompt is never tokenized differently than plain tokenization would, and a reply keeps
         the ids the model generated. A plain string is taken as all template (control text parsed).
+        With several slots, the slot whose cache keeps the most counts (the engine then gives the
+        request that slot).
         """
         data, specials = self._layout(prompt if isinstance(prompt, ChatPrompt) else ChatPrompt(prompt))
         self.check_prompt_size(len(data))
+        # Copies: the server prepares prompts while another request may be extending a cache.
+        kept, kept_bytes = max((self._kept(cached, generated, data, specials) for cached, generated in self.engine.caches()),
+                               key=lambda k: len(k[0]), default=([], 0))  # fmt: skip
+        if not kept:
+            return self._tokenize_layout(data, specials, 0, add_bos=self.add_bos)
+        return kept + self._tokenize_layout(data, specials, kept_bytes, add_bos=False)
+
+    def _kept(self, cached: list[int], generated: list[bool], data: bytes,
+              specials: dict[int, tuple[int, int]]) -> tuple[list[int], int]:  # fmt: skip
+        """The cached tokens `data` can keep (see tokens_reusing_cache), and the bytes they spell."""
         starts = sorted(specials)
         control = self._control_ids
-        # Copies: the server prepares prompts while another request may be extending the cache.
-        cached, generated = list(self.cached_tokens()), list(self.cached_generated())
         cached = cached[: len(generated)]
         keep = kept_bytes = pos = 0
         for i, token in enumerate(cached):
@@ -275,9 +294,7 @@ class Backend(ABC):
             end_of_reply = generated[i] and (i + 1 == len(cached) or not generated[i + 1])
             if end_of_reply or pos == len(data) or pos in specials:
                 keep, kept_bytes = i + 1, pos
-        if keep == 0:
-            return self._tokenize_layout(data, specials, 0, add_bos=self.add_bos)
-        return cached[:keep] + self._tokenize_layout(data, specials, kept_bytes, add_bos=False)
+        return cached[:keep], kept_bytes
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)
@@ -288,16 +305,24 @@ class Backend(ABC):
     def generate(
         self, prompt: list[int], params: SamplingParams, cancel: threading.Event | None = None
     ) -> Iterator[Event]:
-        """Stream the continuation of `prompt`; holds `self.lock` while the stream runs.
-
-        Bad input raises here, when called, not at the stream's first step."""
+        """Stream the continuation of `prompt`; any number of threads may call this at once (the engine
+        decodes up to `info.n_parallel` of them together; the rest wait their turn). Bad input raises
+        here, when called, not at the stream's first step; the request starts at the first `next()`,
+        and stopping early (closing the iterator) cancels it."""
         self.check_prompt(prompt)
         self.check_sampling(params)
-        return self._locked(prompt, params, cancel)
+        return self._stream(prompt, params, cancel or threading.Event())
 
-    def _locked(self, prompt: list[int], params: SamplingParams, cancel: threading.Event | None) -> Iterator[Event]:
-        with self.lock:
-            yield from self._generate_locked(prompt, params, cancel)
+    def _stream(self, prompt: list[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Event]:
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        self.engine.submit(prompt, params, cancel, events.put)
+        try:
+            while (item := events.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
 
     def check_prompt(self, prompt: list[int]) -> None:
         """A prompt can be continued: not empty, and with room for at least one token in the context."""
@@ -319,91 +344,5 @@ class Backend(ABC):
         if params.grammar:
             check_grammar(params.grammar)
 
-    def _generate_locked(self, prompt: list[int], params: SamplingParams, cancel: threading.Event | None) -> Iterator[Event]:
-        t0 = time.perf_counter()
-        try:
-            cached = self._prefill(prompt, cancel)
-        except PrefillCancelled:
-            yield Finish("cancelled", Usage(len(prompt), 0), Timings(0, time.perf_counter() - t0, 0, 0.0, 0.0))
-            return
-        t_prompt = time.perf_counter()
-        self._begin_sampling(params, prompt)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopMatcher(params.stop)
-        limit = self.info.n_ctx - len(prompt)
-        if params.max_tokens is not None:
-            limit = min(params.max_tokens, limit)
-        # n_gen counts tokens of the reply; an end-of-turn token that ends it is sampled but not counted.
-        n_gen, n_sampled, reason, stop_text, t_first = 0, 0, "length", None, 0.0
-        while n_gen < limit:
-            if cancel is not None and cancel.is_set():
-                reason = "cancelled"
-                break
-            token = self._sample()
-            n_sampled += 1
-            if n_sampled == 1:
-                t_first = time.perf_counter() - t0
-            if self.is_end_of_generation(token):
-                reason, stop_text = "stop", self.token_bytes_special(token)
-                break
-            n_gen += 1
-            text, hit = stops.push(decoder.decode(self.token_bytes(token)))
-            if hit is not None:
-                if text:
-                    yield TextDelta(text, (token,))
-                reason, stop_text = "stop", hit
-                break
-            yield TextDelta(text, (token,))
-            if n_gen < limit:
-                self._feed(token)
-        if reason != "stop":
-            tail = stops.flush(decoder.decode(b"", final=True))
-            if tail:
-                yield TextDelta(tail, ())
-        t_end = time.perf_counter()
-        yield Finish(
-            reason=reason,  # type: ignore[arg-type]
-            usage=Usage(prompt_tokens=len(prompt), completion_tokens=n_gen, cached_tokens=cached),
-            timings=Timings(
-                evaluated_tokens=len(prompt) - cached,
-                prompt_s=t_prompt - t0,
-                sampled_tokens=n_sampled,
-                generate_s=t_end - t_prompt,
-                first_token_s=t_first,
-            ),
-            stop_text=stop_text,
-        )
-
     def token_bytes_special(self, token: int) -> str:
         return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
-
-
-class StopMatcher:
-    """Holds back text that could be the start of a stop string, so stop text never leaks."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def push(self, text: str) -> tuple[str, str | None]:
-        """(text safe to emit now, the stop string hit or None)."""
-        if not self.stops:
-            return text, None
-        buf = self.pending + text
-        hits = [(buf.find(s), s) for s in self.stops if s in buf]
-        if hits:
-            pos, stop = min(hits)
-            self.pending = ""
-            return buf[:pos], stop
-        keep = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(buf)), 0, -1):
-                if buf.endswith(s[:k]):
-                    keep = max(keep, k)
-                    break
-        self.pending = buf[len(buf) - keep :] if keep else ""
-        return buf[: len(buf) - keep], None
-
-    def flush(self, text: str = "") -> str:
-        out, self.pending = self.pending + text, ""
-        return out

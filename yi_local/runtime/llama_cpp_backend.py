@@ -1,8 +1,13 @@
-"""The llama.cpp backend: llama-cpp-python's low-level API and a native sampler chain.
+"""The llama.cpp backend: llama-cpp-python's low-level API, a batch of sequences, native samplers.
 
-No per-token Python work on logits: sampling runs in llama.cpp's `llama_sampler` chain, and the KV
-cache of the previous request is reused for the longest common prefix, so a chat turn only
-evaluates the new tokens.
+The engine's steps on one llama.cpp context of `n_parallel` sequences: a `llama_batch` whose tokens
+carry their sequence ids, the KV cells of each sequence cut back with `llama_memory_seq_rm`, and one
+`llama_sampler` chain per sequence sampled at that sequence's batch row. No per-token Python work on
+logits (a grammar's mask aside).
+
+With several sequences the KV cache is unified: `--ctx` tokens per sequence, `ctx × n_parallel`
+cells shared, and each sequence held to its own `ctx` by the engine, so none can run the others out
+of room. (A split cache would decode sequences with non-adjacent ids in separate passes.)
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +26,7 @@ from yi_local.errors import YiLocalError
 from yi_local.fit import kv_cache_bytes
 from yi_local.gguf_header import check_model, model_meta
 from yi_local.llama_lib import llama_cpp
-from yi_local.runtime.backend import Backend, GrammarDeadEndError, ModelInfo, PrefillCancelled, utf8
+from yi_local.runtime.backend import Backend, Chunk, GrammarDeadEndError, ModelInfo, utf8
 from yi_local.runtime.offload import plan_offload
 from yi_local.runtime.params import LoadOptions, SamplingParams
 from yi_local.runtime.sandbox import Sandbox
@@ -33,6 +39,17 @@ GRAMMAR_STEP_SECONDS = 5.0
 GRAMMAR_REPLY_SECONDS = 30.0  # in all, for one reply: slow steps under the step limit add up
 GRAMMAR_MEMORY = 4 << 30
 
+
+@dataclass(eq=False)
+class _Sampling:
+    """One sequence's sampler: its native chain, and its grammar's state when it has one."""
+
+    chain: object
+    mask: np.ndarray | None = None  # tokens the grammar allows next
+    child: int = 0  # the sandbox child following this reply's grammar
+    seconds: float = 0.0  # its work so far in this reply
+
+
 class LlamaCppBackend(Backend):
     def __init__(self, model: str | os.PathLike[str], options: LoadOptions | None = None):
         options = options or LoadOptions()
@@ -41,16 +58,16 @@ class LlamaCppBackend(Backend):
         # Held open for the grammar children, which must read the vocabulary of this very file.
         self._model_fd: int | None = os.open(path, os.O_RDONLY)
         L = self._L = llama_cpp()
-        self.lock = threading.Lock()
         self._pieces = {}
         self._specials: frozenset[bytes] | None = None
-        self._sampler = None
-        self._ctx = self._model = None
+        self._samplers: dict[int, _Sampling] = {}
+        self._ctx = self._model = self._batch = None
+        n_seq = options.n_parallel
 
         gpu = hardware.llama_gpu_kind()
         n_ctx_hint = options.n_ctx or 4096
         head_dim = meta.n_embd // max(1, meta.n_head)
-        kv_bytes = kv_cache_bytes(meta.n_layers, n_ctx_hint, meta.n_head_kv, head_dim)
+        kv_bytes = kv_cache_bytes(meta.n_layers, n_ctx_hint, meta.n_head_kv, head_dim) * n_seq
         plan = plan_offload(options.n_gpu_layers, meta.file_size, meta.n_layers, kv_bytes,
                             gpu, hardware.gpu_free_bytes(gpu))  # fmt: skip
         logger.info("offload: %s", plan.description)
@@ -74,7 +91,16 @@ class LlamaCppBackend(Backend):
 
         cparams = L.llama_context_default_params()
         n_train = L.llama_model_n_ctx_train(self._model)
-        cparams.n_ctx = options.n_ctx if options.n_ctx > 0 else n_train
+        n_ctx_seq = options.n_ctx if options.n_ctx > 0 else n_train
+        cparams.n_ctx = n_ctx_seq * n_seq
+        cparams.n_seq_max = n_seq
+        if gpu is None or plan.n_gpu_layers == 0:
+            # The CPU's flash attention sums V in fp16 in the order of the cache's cells, which depends on
+            # what other sequences did before: a reply would drift from its solo run by up to ~1e-2 in a
+            # logit. The plain attention path gives every sequence the same result whatever shares its
+            # batch or cache, so `run`, `chat` and `serve --parallel N` agree.
+            cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.kv_unified = n_seq > 1
         cparams.n_batch = cparams.n_ubatch = options.n_batch
         threads = options.n_threads or hardware.cpu_count()
         cparams.n_threads = cparams.n_threads_batch = threads
@@ -87,22 +113,18 @@ class LlamaCppBackend(Backend):
         self._mem = L.llama_get_memory(self._ctx)
         # llama.cpp clamps the batch to the context: a larger chunk would fail its assertion and abort.
         self._n_batch = L.llama_n_batch(self._ctx)
+        self._batch = L.llama_batch_init(self._n_batch, 0, 1)
         # Grammars run in sandbox children (see grammar_worker.py): one checks requests' grammars,
-        # one follows the grammar of the reply being generated. Started on first use.
+        # one per sequence follows the grammar of the reply being generated. Started on first use.
         self._grammar_boxes: dict[str, Sandbox] = {}
-        self._grammar_mask: np.ndarray | None = None  # tokens the grammar allows next
-        self._grammar_child = 0  # the sandbox child following this reply's grammar
-        self._grammar_seconds = 0.0  # its work so far in this reply
         self._candidates: np.ndarray | None = None
-        self._cache, self._generated = [], []
-        self._one = (L.llama_token * 1)()
         self._add_bos = bool(L.llama_vocab_get_add_bos(self._vocab))
         bos, eos = L.llama_vocab_bos(self._vocab), L.llama_vocab_eos(self._vocab)
         self.info = ModelInfo(
             name=meta.name,
             path=str(path),
             quantization=meta.quantization,
-            n_ctx=L.llama_n_ctx(self._ctx),
+            n_ctx=L.llama_n_ctx(self._ctx) // n_seq,
             n_ctx_train=n_train,
             n_layers=meta.n_layers,
             offload=plan.description,
@@ -110,6 +132,8 @@ class LlamaCppBackend(Backend):
             chat_template=meta.chat_template,
             bos_token=self.token_bytes(bos, special=True).decode(errors="replace") if bos >= 0 else "",
             eos_token=self.token_bytes(eos, special=True).decode(errors="replace") if eos >= 0 else "",
+            gpu_layers=plan.n_gpu_layers if plan.n_gpu_layers >= 0 else meta.n_layers,
+            n_parallel=n_seq,
         )
 
     # -- vocabulary --------------------------------------------------------------------------
@@ -151,44 +175,34 @@ class LlamaCppBackend(Backend):
             ) - {b""}
         return self._specials
 
-    def reset(self) -> None:
-        with self.lock:
-            self._L.llama_memory_clear(self._mem, True)
-            self._cache, self._generated = [], []
+    @property
+    def n_batch(self) -> int:
+        return self._n_batch
 
     # -- evaluation --------------------------------------------------------------------------
-    def _decode(self, tokens, n: int) -> None:
-        rc = self._L.llama_decode(self._ctx, self._L.llama_batch_get_one(tokens, n))
+    def _slot_truncate(self, seq: int, keep: int) -> int:
+        if self._L.llama_memory_seq_rm(self._mem, seq, keep, -1):
+            return keep
+        self._L.llama_memory_seq_rm(self._mem, seq, 0, -1)
+        return 0
+
+    def _decode(self, batch: list[Chunk]) -> None:
+        b = self._batch
+        n = 0
+        for chunk in batch:
+            last = len(chunk.tokens) - 1
+            for i, token in enumerate(chunk.tokens):
+                b.token[n] = token
+                b.pos[n] = chunk.start + i
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = chunk.seq
+                b.logits[n] = chunk.logits and i == last
+                n += 1
+        b.n_tokens = n
+        rc = self._L.llama_decode(self._ctx, b)
         if rc != 0:
-            self._cache, self._generated = [], []
-            self._L.llama_memory_clear(self._mem, True)
             raise YiLocalError(f"llama.cpp failed to evaluate {n} token(s) (code {rc})",
-                               hint="the context may be full; start a new conversation or raise --ctx")  # fmt: skip
-
-    def _prefill(self, tokens: list[int], cancel: threading.Event | None = None) -> int:
-        reuse = self._reusable_prefix(tokens)
-        if not self._L.llama_memory_seq_rm(self._mem, 0, reuse, -1):
-            self._L.llama_memory_clear(self._mem, True)
-            reuse = 0
-        self._cache = tokens[:reuse]
-        self._generated = self._generated[:reuse]
-        todo = tokens[reuse:]
-        arr = (self._L.llama_token * len(todo))(*todo)
-        for start in range(0, len(todo), self._n_batch):
-            if cancel is not None and cancel.is_set():
-                raise PrefillCancelled()
-            n = min(self._n_batch, len(todo) - start)
-            self._decode(ctypes.cast(ctypes.byref(arr, start * ctypes.sizeof(self._L.llama_token)),
-                                     ctypes.POINTER(self._L.llama_token)), n)  # fmt: skip
-            self._cache.extend(todo[start : start + n])
-            self._generated.extend([False] * n)
-        return reuse
-
-    def _feed(self, token: int) -> None:
-        self._one[0] = token
-        self._decode(self._one, 1)
-        self._cache.append(token)
-        self._generated.append(True)
+                               hint="the memory may be full: lower --ctx or --parallel")  # fmt: skip
 
     # -- sampling ----------------------------------------------------------------------------
     def check_sampling(self, params: SamplingParams, parse_grammar: bool = False) -> None:
@@ -206,30 +220,28 @@ class LlamaCppBackend(Backend):
                                                       what="the grammar", pass_fds=(self._model_fd,))  # fmt: skip
         return box
 
-    def _grammar_step(self, answer) -> None:
+    def _grammar_step(self, sampling: _Sampling, answer) -> None:
         """Take the child's answer (mask, vocabulary size, seconds it worked) for the next token."""
         packed, n_vocab, seconds = answer
         if n_vocab != self._n_vocab:
             raise YiLocalError(f"the grammar process read a vocabulary of {n_vocab} tokens, the model has {self._n_vocab}",
                                hint="restart yi-local")  # fmt: skip
-        self._grammar_seconds += seconds
-        if self._grammar_seconds > GRAMMAR_REPLY_SECONDS:
+        sampling.seconds += seconds
+        if sampling.seconds > GRAMMAR_REPLY_SECONDS:
             raise YiLocalError(f"the grammar took more than {GRAMMAR_REPLY_SECONDS:g} s of work in this reply and was "
                                "stopped", hint="simplify it: fewer alternatives that stay open at once")  # fmt: skip
-        self._grammar_mask = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=n_vocab).astype(bool)
+        sampling.mask = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=n_vocab).astype(bool)
 
-    def _begin_sampling(self, params: SamplingParams, prompt: list[int]) -> None:
+    def _begin_sampling(self, seq: int, params: SamplingParams, prompt: list[int]) -> None:
         L = self._L
-        self._free_sampler()
+        self._end_sampling(seq)
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        self._sampler = chain
-        self._grammar_mask = None
+        sampling = self._samplers[seq] = _Sampling(chain)
         if params.grammar:
-            box = self._grammar_box("generate")
+            box = self._grammar_box(f"generate-{seq}")
             box.drain(GRAMMAR_STEP_SECONDS)  # the previous reply's last step, if it ended before using it
-            self._grammar_seconds = 0.0
-            self._grammar_step(box.call(("start", params.grammar), GRAMMAR_START_SECONDS))
-            self._grammar_child = box.child
+            self._grammar_step(sampling, box.call(("start", params.grammar), GRAMMAR_START_SECONDS))
+            sampling.child = box.child
         if params.logit_bias:
             items = list(params.logit_bias.items())
             arr = (L.llama_logit_bias * len(items))(*[L.llama_logit_bias(token=int(t), bias=float(b)) for t, b in items])
@@ -255,12 +267,13 @@ class LlamaCppBackend(Backend):
             seed = params.seed32 if params.seed is not None else L.LLAMA_DEFAULT_SEED
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
 
-    def _sample(self) -> int:
-        if self._grammar_mask is not None:
-            return self._sample_with_grammar()
-        return self._L.llama_sampler_sample(self._sampler, self._ctx, -1)
+    def _sample(self, seq: int, row: int) -> int:
+        sampling = self._samplers[seq]
+        if sampling.mask is not None:
+            return self._sample_with_grammar(seq, sampling, row)
+        return self._L.llama_sampler_sample(sampling.chain, self._ctx, row)
 
-    def _sample_with_grammar(self) -> int:
+    def _sample_with_grammar(self, seq: int, sampling: _Sampling, row: int) -> int:
         """`llama_sampler_sample` with the grammar's mask applied first; a dead end is an error.
 
         The mask comes from the grammar's sandbox child, which then accepts the sampled token and
@@ -269,42 +282,48 @@ class LlamaCppBackend(Backend):
         """
         L = self._L
         n = self._n_vocab
-        box = self._grammar_box("generate")
+        box = self._grammar_box(f"generate-{seq}")
         if box.pending:  # the child worked on this step while the last token was evaluated
-            self._grammar_step(box.receive(GRAMMAR_STEP_SECONDS))
+            self._grammar_step(sampling, box.receive(GRAMMAR_STEP_SECONDS))
         if self._candidates is None:
             self._candidates = np.zeros(n, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
             self._ids = np.arange(n, dtype=np.int32)
-        if not self._grammar_mask.any():
+        assert sampling.mask is not None
+        if not sampling.mask.any():
             raise GrammarDeadEndError()
         cand = self._candidates
         cand["id"] = self._ids
-        cand["logit"] = np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, -1), shape=(n,))
-        cand["logit"][~self._grammar_mask] = -np.inf
+        cand["logit"] = np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, row), shape=(n,))
+        cand["logit"][~sampling.mask] = -np.inf
         cand["p"] = 0.0
         arr = L.llama_token_data_array(data=cand.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), size=n,
                                        selected=-1, sorted=False)  # fmt: skip
-        L.llama_sampler_apply(self._sampler, ctypes.byref(arr))
+        L.llama_sampler_apply(sampling.chain, ctypes.byref(arr))
         if not 0 <= arr.selected < arr.size:
             raise GrammarDeadEndError()
         token = int(arr.data[arr.selected].id)
-        L.llama_sampler_accept(self._sampler, token)
+        L.llama_sampler_accept(sampling.chain, token)
         if not self.is_end_of_generation(token):  # an end token ends the reply; the grammar never sees it
-            box.send(("accept", token), same_child=self._grammar_child)  # answered while the token is evaluated
+            box.send(("accept", token), same_child=sampling.child)  # answered while the token is evaluated
         return token
 
-    def _free_sampler(self) -> None:
-        if self._sampler is not None:
-            self._L.llama_sampler_free(self._sampler)
-        self._sampler, self._grammar_mask = None, None
+    def _end_sampling(self, seq: int) -> None:
+        sampling = self._samplers.pop(seq, None)
+        if sampling is not None:
+            self._L.llama_sampler_free(sampling.chain)
 
     def close(self) -> None:
-        self._free_sampler()
+        super().close()  # the engine's worker first: it may be mid-step
+        for seq in list(self._samplers):
+            self._end_sampling(seq)
         for box in self._grammar_boxes.values():
             box.close()
         if self._model_fd is not None:
             os.close(self._model_fd)
             self._model_fd = None
+        if self._batch is not None:
+            self._L.llama_batch_free(self._batch)
+            self._batch = None
         if self._ctx:
             self._L.llama_free(self._ctx)
             self._ctx = None
@@ -313,6 +332,8 @@ class LlamaCppBackend(Backend):
             self._model = None
 
     def __del__(self) -> None:
+        if sys.is_finalizing():
+            return  # the engine's thread may be mid-step; the process's end frees everything
         try:
             self.close()
         except Exception:

@@ -67,6 +67,7 @@ LOAD_LIMITS: dict[str, Limit] = {
     "n_batch": Limit(1, 1 << 16, integer=True),
     "n_threads": Limit(1, MAX_THREADS, integer=True),
     "n_gpu_layers": Limit(-1, 1 << 16, integer=True, note="-1 is all"),
+    "n_parallel": Limit(1, 256, integer=True),  # llama.cpp's LLAMA_MAX_SEQ
 }
 
 LOGIT_BIAS_LIMIT = Limit(-100.0, 100.0)
@@ -94,6 +95,7 @@ class LoadOptions:
     n_ctx: int = 4096  # 0: the model's training context
     n_threads: int | None = None  # None: all cores
     n_batch: int = 512
+    n_parallel: int = 1  # sequences decoded together (each with its own n_ctx)
     on_progress: Callable[[float], None] | None = None  # 0..1 while the weights load
 
     def validate(self) -> None:
@@ -106,6 +108,21 @@ class LoadOptions:
         if self.n_threads is not None:
             check("n_threads", self.n_threads, LOAD_LIMITS)
         check("n_batch", self.n_batch, LOAD_LIMITS)
+        check("n_parallel", self.n_parallel, LOAD_LIMITS)
+        if self.n_parallel > self.n_batch:
+            raise ParamError("n_parallel", f"{self.n_parallel} parallel sequences need a batch of at least as many "
+                             f"tokens, not {self.n_batch}")  # fmt: skip
+
+
+PARALLEL_GPU, PARALLEL_CPU = 4, 2
+
+
+def auto_parallel(gpu: str | None, n_gpu_layers: int | str, backend: str = "llama.cpp") -> int:
+    """`serve --parallel auto`: 4 sequences on a GPU, whose chip one sequence leaves mostly idle; 2 on
+    the CPU, where batching gains less and every extra sequence slows the others; 1 for transformers."""
+    if backend != "llama.cpp":
+        return 1
+    return PARALLEL_GPU if gpu is not None and n_gpu_layers != 0 else PARALLEL_CPU
 
 
 @dataclass

@@ -14,11 +14,10 @@ import importlib.util
 import inspect
 import json
 import logging
-import threading
 from pathlib import Path
 
 from yi_local.errors import YiLocalError
-from yi_local.runtime.backend import Backend, ModelInfo
+from yi_local.runtime.backend import Backend, Chunk, ModelInfo
 from yi_local.runtime.chat_template import IM_END, YI_CHAT_TEMPLATE
 from yi_local.runtime.params import LoadOptions, SamplingParams
 
@@ -71,7 +70,9 @@ class TransformersBackend(Backend):
         cuda = torch.cuda.is_available() and device != "cpu"
         self.device = torch.device(device or ("cuda" if cuda else "cpu"))
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.lock = threading.Lock()
+        if options.n_parallel > 1:
+            raise YiLocalError("the transformers backend decodes one sequence at a time",
+                               hint="leave out --parallel, or use the llama.cpp backend (a GGUF) for parallel requests")  # fmt: skip
         self._pieces: dict[int, bytes] = {}
         if options.n_threads and self.device.type == "cpu":
             torch.set_num_threads(options.n_threads)
@@ -104,7 +105,7 @@ class TransformersBackend(Backend):
         self._compile = self._static and self.device.type == "cuda" if compile is None else compile
         self._n_ctx = n_ctx
         self._cache_obj = None
-        self._cache, self._generated = [], []
+        self._n_cached = 0  # tokens the KV cache holds
         self._logits = None
         self._params = SamplingParams()
         self._decode_one = self._forward_one
@@ -114,6 +115,7 @@ class TransformersBackend(Backend):
             name=folder.name, path=str(folder), quantization="BF16" if self.dtype == torch.bfloat16 else "F32",
             n_ctx=n_ctx, n_ctx_train=n_train, n_layers=int(config.get("num_hidden_layers", 0)),
             offload="CUDA" if self.device.type == "cuda" else "CPU", backend="transformers",
+            gpu_layers=int(config.get("num_hidden_layers", 0)) if self.device.type == "cuda" else 0,
             chat_template=template, bos_token=self.tokenizer.bos_token or "", eos_token=IM_END if im_end in self._eog
             else (self.tokenizer.eos_token or ""),
         )  # fmt: skip
@@ -142,12 +144,12 @@ class TransformersBackend(Backend):
     def _warm_up(self) -> None:
         """Compile and capture the decode step at load time, not on the user's first token."""
         prompt = self.tokenize("Hello", add_bos=False) or [0]
-        with self.lock:
-            for _ in range(3):
-                self._prefill(prompt)
-                for _ in range(3):
-                    self._feed(int(self._logits.argmax()))
-            self._reset_locked()
+        for _ in range(3):
+            self._slot_truncate(0, 0)
+            self._decode([Chunk(0, prompt, 0, True)])
+            for i in range(3):
+                self._decode([Chunk(0, [int(self._logits.argmax())], len(prompt) + i, True)])
+        self._slot_truncate(0, 0)
 
     # -- vocabulary --------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
@@ -189,24 +191,26 @@ class TransformersBackend(Backend):
             texts.update(sp.IdToPiece(i) for i in range(sp.get_piece_size()) if sp.IsControl(i))
         return frozenset(t.encode() for t in texts if t)
 
-    def reset(self) -> None:
-        with self.lock:
-            self._reset_locked()
-
-    def _reset_locked(self) -> None:
-        if self._cache_obj is not None and self._static:
-            self._cache_obj.reset()
-        elif self._cache_obj is not None:
-            self._cache_obj = None
-        self._cache, self._generated = [], []
-
-    # -- evaluation --------------------------------------------------------------------------
+    # -- evaluation (one sequence: --parallel is refused for this backend) ------------------------
     def _new_cache(self):
         from transformers import DynamicCache, StaticCache
 
         if self._static:
             return StaticCache(config=self.model.config, max_cache_len=self._n_ctx)
         return DynamicCache(config=self.model.config)
+
+    def _slot_truncate(self, seq: int, keep: int) -> int:
+        if self._cache_obj is None or keep == 0 or (self._static and keep < self._n_cached):
+            if self._cache_obj is not None and self._static:
+                self._cache_obj.reset()  # a static cache only grows: start again
+            else:
+                self._cache_obj = None
+            self._n_cached = 0
+            return 0
+        if keep < self._n_cached:
+            self._cache_obj.crop(keep - self._n_cached)  # a negative count: drop that many from the end
+            self._n_cached = keep
+        return keep
 
     def _forward(self, ids: list[int], start: int):
         torch = self._torch
@@ -221,34 +225,19 @@ class TransformersBackend(Backend):
                          **{self._cache_kw: self._cache_obj})  # fmt: skip
         return out.logits[0, -1].float()
 
-    def _prefill(self, tokens: list[int], cancel: threading.Event | None = None) -> int:
-        reuse = self._reusable_prefix(tokens)
+    def _decode(self, batch: list[Chunk]) -> None:
+        (chunk,) = batch  # one sequence
+        torch = self._torch
         if self._cache_obj is None:
             self._cache_obj = self._new_cache()
-            reuse = 0
-        elif self._static and reuse < len(self._cache):
-            self._cache_obj.reset()  # a static cache only grows: start again
-            reuse = 0
-        elif reuse < len(self._cache):
-            self._cache_obj.crop(reuse - len(self._cache))
-        self._cache, self._generated = tokens[:reuse], self._generated[:reuse]
-        self._logits = self._forward(tokens[reuse:], reuse)
-        self._cache = list(tokens)
-        self._generated.extend([False] * (len(tokens) - reuse))
-        return reuse
-
-    def _feed(self, token: int) -> None:
-        torch = self._torch
-        position = len(self._cache)
-        if self._compile:
-            input_ids = torch.tensor([[token]], device=self.device)
-            positions = torch.tensor([position], device=self.device)
+        if self._compile and len(chunk.tokens) == 1:
+            input_ids = torch.tensor([chunk.tokens], device=self.device)
+            positions = torch.tensor([chunk.start], device=self.device)
             with torch.no_grad():
                 self._logits = self._decode_one(input_ids, positions).clone()
         else:
-            self._logits = self._forward([token], position)
-        self._cache.append(token)
-        self._generated.append(True)
+            self._logits = self._forward(chunk.tokens, chunk.start)
+        self._n_cached = chunk.start + len(chunk.tokens)
 
     # -- sampling ----------------------------------------------------------------------------
     @property
@@ -261,7 +250,7 @@ class TransformersBackend(Backend):
                                hint="drop the grammar or use --backend llama.cpp")  # fmt: skip
         super().check_sampling(params)
 
-    def _begin_sampling(self, params: SamplingParams, prompt: list[int]) -> None:
+    def _begin_sampling(self, seq: int, params: SamplingParams, prompt: list[int]) -> None:
         torch = self._torch
         self._params = params
         vocab = self.model.config.vocab_size
@@ -275,7 +264,7 @@ class TransformersBackend(Backend):
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(params.seed32 if params.seed is not None else torch.seed() & 0xFFFFFFFF)
 
-    def _sample(self) -> int:
+    def _sample(self, seq: int, row: int) -> int:
         p = self._params
         logits = self._logits
         if self._bias is not None:
@@ -319,4 +308,5 @@ class TransformersBackend(Backend):
         return int(torch.multinomial(probs, 1, generator=self._generator))
 
     def close(self) -> None:
+        super().close()
         self._cache_obj = None

@@ -1,8 +1,9 @@
 """The FastAPI app: OpenAI's chat/completions/models routes, /health, and the web chat page at /.
 
 Requests pass the browser guard (Host, Origin, Content-Type) and the body limits first; the body is
-then prepared off the event loop (`prepare.py`) and queued for the one generation worker. A client
-that disconnects, streaming or not, cancels its job.
+then prepared off the event loop (`prepare.py`) and queued for the engine, which decodes up to
+`--parallel` of them together. A client that disconnects, streaming or not, cancels its job and
+frees its slot.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from yi_local.server.security import BrowserGuard, HostPolicy, check_api_key
 STATIC = Path(__file__).parent / "static"
 logger = logging.getLogger(__name__)
 BODY_SECONDS = 30.0
+RETRY_AFTER_SECONDS = 1  # told to a client refused because the queue is full
 
 
 def usage(finish: Finish) -> dict:
@@ -106,12 +108,13 @@ def create_app(
     host: str = "127.0.0.1",
     allowed_hosts: Sequence[str] = (),
     body_seconds: float = BODY_SECONDS,
+    max_queue: int = 64,
 ) -> FastAPI:
     info = backend.info
     key = api_key.encode("utf-8") if api_key is not None else None
     preparer = Preparer(backend, defaults or SamplingParams(max_tokens=None),
                         {info.name, Path(info.path).name, Path(info.path).stem})  # fmt: skip
-    scheduler = Scheduler(backend)
+    scheduler = Scheduler(backend, max_queue)
     app = FastAPI(title="yi-local", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
     app.router.on_shutdown.append(scheduler.close)
@@ -128,7 +131,7 @@ def create_app(
     # -- errors as OpenAI bodies ---------------------------------------------------------------
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
-        return JSONResponse(e.body, status_code=e.status)
+        return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):
@@ -157,12 +160,15 @@ def create_app(
         try:
             return scheduler.submit(prepared.prompt, prepared.params)
         except QueueFullError as e:
-            raise APIError(503, e.message, "server_error", "server_busy") from None
+            raise APIError(503, f"{e.message}; {e.hint}", "server_error", "server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None  # fmt: skip
 
     # -- routes --------------------------------------------------------------------------------
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        return {"status": "ok", "model": info.name, "busy": scheduler.busy, "queued": scheduler.queued}
+        busy = scheduler.busy
+        return {"status": "ok", "model": info.name, "busy": busy > 0, "queued": scheduler.queued,
+                "slots": {"total": scheduler.slots, "busy": busy, "idle": scheduler.slots - busy}}  # fmt: skip
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request):

@@ -11,9 +11,10 @@ from yi_local.runtime.params import ParamError
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):  # fmt: skip
+                 param: str | None = None, headers: dict[str, str] | None = None):  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers
 
     @property
     def body(self) -> dict:

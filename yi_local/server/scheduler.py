@@ -1,27 +1,22 @@
-"""One worker thread owns the model; requests wait in a fair FIFO queue and stream events back.
+"""The server's side of the engine: each request becomes a job whose events reach the event loop.
 
-Each job carries a cancel event: a client that disconnects sets it and the worker stops that job at
-the next token, or skips it if it has not started. The queue is the seam where continuous batching
-will go: the worker may later take several jobs at once without changing `submit`.
+The engine decodes up to `--parallel` requests together and queues the rest (bounded: past the bound a
+request is refused with 503). Each job carries a cancel event: a client that disconnects sets it and
+the engine frees the job's slot before its next step, or drops the job if it has not started.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from yi_local.errors import YiLocalError
-from yi_local.runtime import Event, Finish, SamplingParams, Timings, Usage
+from yi_local.runtime import Event, SamplingParams
 from yi_local.runtime.backend import Backend
+from yi_local.runtime.engine import QueueFullError
 
-WORKER_STACK_BYTES = 64 << 20
-
-
-class QueueFullError(YiLocalError):
-    pass
+__all__ = ["Job", "QueueFullError", "Scheduler"]
 
 
 @dataclass
@@ -51,54 +46,31 @@ class Job:
 
 class Scheduler:
     def __init__(self, backend: Backend, max_queue: int = 64):
-        self.backend = backend
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.busy = False  # a job is generating right now
-        self._current: Job | None = None
-        # llama.cpp walks grammars recursively on this thread: give it room beyond the 8 MB default.
-        previous = threading.stack_size(WORKER_STACK_BYTES)
-        try:
-            self._thread = threading.Thread(target=self._work, name="yi-local-generate", daemon=True)
-            self._thread.start()
-        finally:
-            threading.stack_size(previous)
+        self.engine = backend.engine
+        self.engine.max_queue = max_queue
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Job:
+        """A job for the engine; QueueFullError when `max_queue` requests are waiting already."""
         job = Job(prompt, params, asyncio.get_running_loop())
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFullError("the server is busy: too many requests are waiting", hint="retry shortly") from None
+        self.engine.submit(prompt, params, job.cancel, job.push)
         return job
 
     @property
+    def slots(self) -> int:
+        return len(self.engine.slots)
+
+    @property
+    def busy(self) -> int:
+        """Slots generating now."""
+        return self.engine.busy
+
+    @property
     def queued(self) -> int:
-        return self._jobs.qsize()
+        return self.engine.queued
 
     def cancel_all(self) -> None:
-        """Stop the running job at its next token and every queued one (the server is shutting down)."""
-        with self._jobs.mutex:
-            waiting = [job for job in self._jobs.queue if job is not None]
-        for job in [*waiting, self._current]:
-            if job is not None:
-                job.cancel.set()
+        """Stop every running and queued job (the server is shutting down)."""
+        self.engine.cancel_all()
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=10)
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if job.cancel.is_set():
-                job.push(Finish("cancelled", Usage(len(job.prompt), 0), Timings(0, 0.0, 0, 0.0, 0.0)))
-                job.push(None)
-                continue
-            self.busy, self._current = True, job
-            try:
-                for event in self.backend.generate(job.prompt, job.params, job.cancel):
-                    job.push(event)
-            except BaseException as e:  # delivered to the request, never kills the worker
-                job.push(e)
-            finally:
-                self.busy, self._current = False, None
-            job.push(None)
+        self.engine.close()

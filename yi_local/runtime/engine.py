@@ -1,0 +1,341 @@
+"""The one generation loop: N sequences decoded together in one batch, each in its own slot.
+
+A backend offers slots (sequences of one model context, each with its own KV cells), a batched
+evaluation step and a sampler per slot; the engine's worker thread turns them into replies:
+
+- Requests wait in a FIFO queue and join between steps, in the idle slot that holds the longest prefix
+  of their prompt (else the one idle longest), whose cache is cut back to that prefix.
+- Every step carries one token for each sequence that is generating, and at most one chunk of one
+  prompt (the oldest waiting), sized to what the batch has left: streams keep flowing while a long
+  prompt is read.
+- Each sequence is sampled at its own batch row by its own sampler chain, and turned into events by
+  its own `Reply`: stop strings, UTF-8, limits and the context's end are per sequence, and a sequence
+  that reaches the end of its context ends there, never failing the others.
+- A cancelled request (a client gone) leaves before the next step and frees its slot at once.
+
+`run` and `chat` use the same engine with one slot.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from yi_local.errors import YiLocalError
+from yi_local.runtime.events import Event
+from yi_local.runtime.params import SamplingParams
+from yi_local.runtime.reply import Reply
+
+if TYPE_CHECKING:
+    from yi_local.runtime.backend import Backend
+
+logger = logging.getLogger(__name__)
+WORKER_STACK_BYTES = 64 << 20  # llama.cpp recurses on this thread in places: room beyond the 8 MB default
+
+Sink = Callable[["Event | BaseException | None"], None]  # events, then an error or None at the end
+
+
+class QueueFullError(YiLocalError):
+    pass
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    cancel: threading.Event
+    sink: Sink
+    reply: Reply
+    slot: "Slot | None" = None
+    todo: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
+    next_token: int | None = None  # sampled, to be evaluated in the next step
+
+
+@dataclass(eq=False)
+class Slot:
+    seq: int  # the sequence id in the model's context
+    cache: list[int] = field(default_factory=list)  # the tokens whose keys and values the slot holds
+    generated: list[bool] = field(default_factory=list)  # per cached token: sampled rather than read
+    request: Request | None = None
+    idle_since: float = 0.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens of one sequence in a batch, at positions start…; `logits`: the last one's are wanted."""
+
+    seq: int
+    tokens: list[int]
+    start: int
+    logits: bool
+
+
+class Engine:
+    def __init__(self, backend: Backend, n_slots: int, n_batch: int, max_queue: int = 64,
+                 on_step: Callable[[list[Chunk]], None] | None = None) -> None:  # fmt: skip
+        if n_slots > n_batch:
+            raise YiLocalError(f"{n_slots} sequences need a batch of at least {n_slots} tokens",
+                               hint="raise --batch or lower --parallel")  # fmt: skip
+        self.backend = backend
+        self.n_ctx = backend.info.n_ctx  # per sequence
+        self.n_batch = n_batch
+        self.max_queue = max_queue
+        self.on_step = on_step  # sees each step's batch (tests check its composition)
+        self.slots = [Slot(seq) for seq in range(n_slots)]
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._step_lock = threading.Lock()  # held while a step uses the model; reset() takes it too
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # -- the callers' side (any thread) -----------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, cancel: threading.Event, sink: Sink) -> None:
+        """Queue a request; its events go to `sink` from the engine's thread, then None (or an error)."""
+        reply = Reply(prompt, params, self.n_ctx, self.backend.token_bytes, self.backend.token_bytes_special,
+                      self.backend.is_end_of_generation)  # fmt: skip
+        request = Request(prompt, params, cancel, sink, reply)
+        with self._wake:
+            if self._closed:
+                raise YiLocalError("the model is closed", hint="load it again")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"the server is busy: {len(self._waiting)} requests are waiting already",
+                                     hint="retry shortly")  # fmt: skip
+            self._waiting.append(request)
+            self._start()
+            self._wake.notify()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def busy(self) -> int:
+        return sum(slot.request is not None for slot in self.slots)
+
+    def caches(self) -> list[tuple[list[int], list[bool]]]:
+        """Copies of what each slot's cache holds (tokens, generated flags): prompts are prepared against them."""
+        return [(list(slot.cache), list(slot.generated)) for slot in self.slots]
+
+    def cancel_all(self) -> None:
+        with self._wake:
+            requests = [*self._waiting, *(s.request for s in self.slots if s.request is not None)]
+        for request in requests:
+            request.cancel.set()
+        with self._wake:
+            self._wake.notify()
+
+    def reset(self) -> None:
+        """Empty the caches of the slots that are not generating."""
+        with self._step_lock:
+            for slot in self.slots:
+                if slot.request is None:
+                    self.backend._slot_truncate(slot.seq, 0)
+                    slot.cache, slot.generated = [], []
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self.cancel_all()
+        # At interpreter exit a daemon thread can no longer run: joining it would only wait.
+        if self._thread is not None and self._thread is not threading.current_thread() and not sys.is_finalizing():
+            self._thread.join(timeout=30)
+
+    def _start(self) -> None:
+        if self._thread is None:
+            previous = threading.stack_size(WORKER_STACK_BYTES)
+            try:
+                self._thread = threading.Thread(target=self._work, name="yi-local-generate", daemon=True)
+                self._thread.start()
+            finally:
+                threading.stack_size(previous)
+
+    # -- the worker --------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._waiting and not self._active():
+                    self._wake.wait()
+                if self._closed and not self._active() and not self._waiting:
+                    return
+            with self._step_lock:
+                try:
+                    self._step()
+                except BaseException as e:  # a bug: fail what is running, never kill the worker
+                    logger.exception("generation step failed")
+                    for slot in self.slots:
+                        if slot.request is not None:
+                            self._fail(slot, e)
+
+    def _active(self) -> list[Request]:
+        return [slot.request for slot in self.slots if slot.request is not None]
+
+    def _step(self) -> None:
+        for slot in self.slots:
+            request = slot.request
+            if request is not None and request.cancel.is_set():
+                self._end(slot, request.reply.end("cancelled"))
+        self._admit()
+        batch, rows = self._batch()
+        if not batch:
+            return
+        if self.on_step is not None:
+            self.on_step(batch)
+        try:
+            self.backend._decode(batch)
+        except YiLocalError as e:  # e.g. the GPU's memory is full
+            for chunk in batch:
+                self._fail(self.slots[chunk.seq], e)
+            return
+        for chunk in batch:
+            slot = self.slots[chunk.seq]
+            request = slot.request
+            assert request is not None
+            reading = bool(request.todo)
+            slot.cache.extend(chunk.tokens)
+            slot.generated.extend([not reading] * len(chunk.tokens))
+            if reading:
+                request.todo = request.todo[len(chunk.tokens) :]
+                if not request.todo:
+                    request.reply.prompt_done()
+        for request, row in rows:
+            self._sample(request, row)
+
+    def _admit(self) -> None:
+        while True:
+            with self._wake:
+                idle = [slot for slot in self.slots if slot.request is None]
+                if not idle or not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            if request.cancel.is_set():
+                request.sink(request.reply.finish("cancelled"))
+                request.sink(None)
+                continue
+            slot = _choose(idle, request.prompt)
+            try:
+                self._begin(slot, request)
+            except BaseException as e:
+                if slot.request is request:
+                    self._fail(slot, e)
+                else:  # failed before taking the slot, whose cache may be half cut: empty it
+                    slot.cache, slot.generated = [], []
+                    request.sink(e)
+
+    def _begin(self, slot: Slot, request: Request) -> None:
+        prompt = request.prompt
+        keep = min(_common(slot.cache, prompt), len(prompt) - 1)  # the last one is evaluated for its logits
+        keep = self.backend._slot_truncate(slot.seq, keep)
+        slot.cache, slot.generated = slot.cache[:keep], slot.generated[:keep]
+        slot.request, request.slot = request, slot
+        request.todo = prompt[keep:]
+        request.reply.started(keep)
+        self.backend._begin_sampling(slot.seq, request.params, prompt)
+
+    def _batch(self) -> tuple[list[Chunk], list[tuple[Request, int]]]:
+        """This step's chunks, and the batch row each sequence that wants a token samples at."""
+        batch: list[Chunk] = []
+        rows: list[tuple[Request, int]] = []
+        n = 0
+        reading: list[Slot] = []
+        for slot in self.slots:
+            request = slot.request
+            if request is None:
+                continue
+            if request.todo:
+                reading.append(slot)
+            elif request.next_token is not None:
+                if len(slot.cache) >= self.n_ctx:  # never past the sequence's own context
+                    self._end(slot, request.reply.end("length"))
+                    continue
+                batch.append(Chunk(slot.seq, [request.next_token], len(slot.cache), True))
+                rows.append((request, n))
+                n += 1
+        if reading and n < self.n_batch:
+            slot = min(reading, key=lambda s: s.request.reply.t_start)  # type: ignore[union-attr]
+            request = slot.request
+            assert request is not None
+            take = request.todo[: self.n_batch - n]
+            last = len(take) == len(request.todo)
+            batch.append(Chunk(slot.seq, take, len(slot.cache), last))
+            if last:
+                rows.append((request, n + len(take) - 1))
+        return batch, rows
+
+    def _sample(self, request: Request, row: int) -> None:
+        slot = request.slot
+        assert slot is not None
+        reply = request.reply
+        if not reply.wants_more:  # max_tokens 0, or a prompt that fills the context
+            self._end(slot, reply.end("length"))
+            return
+        try:
+            token = self.backend._sample(slot.seq, row)
+        except BaseException as e:
+            self._fail(slot, e)
+            return
+        events, done = reply.push(token)
+        for event in events:
+            request.sink(event)
+        if done:
+            self._release(slot)
+            request.sink(None)
+        else:
+            request.next_token = token
+
+    def _end(self, slot: Slot, events: list[Event]) -> None:
+        request = slot.request
+        assert request is not None
+        self._release(slot)
+        for event in events:
+            request.sink(event)
+        request.sink(None)
+
+    def _fail(self, slot: Slot, error: BaseException) -> None:
+        request = slot.request
+        if request is None:
+            return
+        # What the slot's cache holds is unknown after a failure: empty it.
+        try:
+            self.backend._slot_truncate(slot.seq, 0)
+        except BaseException:
+            logger.exception("clearing slot %d failed", slot.seq)
+        slot.cache, slot.generated = [], []
+        self._release(slot)
+        request.sink(error)
+
+    def _release(self, slot: Slot) -> None:
+        request = slot.request
+        if request is not None:
+            request.slot = None
+        slot.request = None
+        slot.idle_since = time.monotonic()
+        try:
+            self.backend._end_sampling(slot.seq)
+        except BaseException:
+            logger.exception("freeing slot %d's sampler failed", slot.seq)
+
+
+def _choose(idle: list[Slot], prompt: list[int]) -> Slot:
+    """The slot for a prompt: the one holding most of it when the prompt continues what that slot holds
+    (a returning conversation: at least half of the slot's cache is its prefix) or is all in it (asked
+    again), else an empty slot, else the one idle longest. A shared system prompt alone does not take a
+    slot from its conversation."""
+    common, best = max(((_common(s.cache, prompt), s) for s in idle), key=lambda x: (x[0], -x[1].idle_since))
+    if best.cache and (2 * common >= len(best.cache) or common == len(prompt)):
+        return best
+    return next((s for s in idle if not s.cache), None) or min(idle, key=lambda s: s.idle_since)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
