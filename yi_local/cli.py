@@ -23,6 +23,7 @@ COMMANDS = {
     "show": ("show", "show a model's metadata"),
     "rm": ("rm", "remove a model from the store"),
     "doctor": ("doctor", "what this machine has, and which Yi models fit it"),
+    "bench": ("bench", "prompt and generation tokens/s of yi-local next to a bare llama-cpp-python loop"),
 }
 
 

@@ -27,6 +27,29 @@ def llama_gpu_kind() -> str | None:
     return "GPU"
 
 
+def llama_devices() -> list[str]:
+    """llama.cpp's compute devices, e.g. ["CUDA0: NVIDIA H100 80GB HBM3", "CPU: AMD EPYC 7B13"]; [] when
+    they cannot be listed (ggml's device registry is not part of llama-cpp-python's public API)."""
+    import ctypes
+
+    try:
+        from llama_cpp._ggml import libggml as lib
+
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        lib.ggml_backend_dev_get.argtypes, lib.ggml_backend_dev_get.restype = [ctypes.c_size_t], ctypes.c_void_p
+        for f in (lib.ggml_backend_dev_name, lib.ggml_backend_dev_description):
+            f.argtypes, f.restype = [ctypes.c_void_p], ctypes.c_char_p
+        devices = []
+        for i in range(lib.ggml_backend_dev_count()):
+            dev = lib.ggml_backend_dev_get(i)
+            name = (lib.ggml_backend_dev_name(dev) or b"?").decode(errors="replace")
+            about = (lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace").strip()
+            devices.append(f"{name}: {about}" if about and about != name else name)
+        return devices
+    except (ImportError, OSError, AttributeError):
+        return []
+
+
 def gpu_free_bytes(kind: str | None) -> int | None:
     """Free memory on the offload device, or None when it cannot be told."""
     if kind == "Metal":

@@ -95,14 +95,18 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str]:
     return str(path), backend
 
 
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
+def add_runtime_args(p: argparse.ArgumentParser, backends: bool = True) -> None:
+    """Loading flags; without `backends` there is no --backend/--precision: the command runs on llama.cpp."""
     g = p.add_argument_group("runtime")
-    g.add_argument("--backend", choices=("auto", "llama.cpp", "transformers"), default="auto",
-                   help="llama.cpp (GGUF; default) or transformers (a Hugging Face folder in bf16 on CUDA, "
-                   "fp32 on CPU; needs `pip install 'yi-local[cuda]'`); auto picks transformers for "
-                   "--precision full on a folder or hub id")  # fmt: skip
-    g.add_argument("--precision", choices=("quantized", "full"), default="quantized",
-                   help="full: run the original weights with transformers (see --backend)")  # fmt: skip
+    if not backends:
+        p.set_defaults(backend="llama.cpp", precision="quantized")
+    else:
+        g.add_argument("--backend", choices=("auto", "llama.cpp", "transformers"), default="auto",
+                       help="llama.cpp (GGUF; default) or transformers (a Hugging Face folder in bf16 on CUDA, "
+                       "fp32 on CPU; needs `pip install 'yi-local[cuda]'`); auto picks transformers for "
+                       "--precision full on a folder or hub id")  # fmt: skip
+        g.add_argument("--precision", choices=("quantized", "full"), default="quantized",
+                       help="full: run the original weights with transformers (see --backend)")  # fmt: skip
     g.add_argument("--n-gpu-layers", "-ngl", type=_gpu_layers, default="auto", metavar="auto|N",
                    help="layers to offload to the GPU (auto: all when the model fits, else as many as fit; "
                    "-1: all; 0: CPU only)")

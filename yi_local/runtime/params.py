@@ -95,7 +95,7 @@ class LoadOptions:
     n_ctx: int = 4096  # 0: the model's training context
     n_threads: int | None = None  # None: all cores
     n_batch: int = 512
-    n_parallel: int = 1  # sequences decoded together (each with its own n_ctx)
+    n_parallel: int = 1  # sequences decoded together in one context; n_ctx is per sequence
     on_progress: Callable[[float], None] | None = None  # 0..1 while the weights load
 
     def validate(self) -> None:
