@@ -312,3 +312,21 @@ def test_a_step_that_fails_before_the_reply_starts_reaches_its_caller(backend, s
         run_one(backend, chat(backend, "hi"), SamplingParams(max_tokens=2))
     monkeypatch.undo()
     assert run_one(backend, chat(backend, "hi"), SamplingParams(max_tokens=2, logit_bias=NO_EOS))[2].reason == "length"
+
+
+def test_a_finished_reply_leaves_the_callers_cancel_event_alone(backend, steps):
+    """Callers may share one cancel event among requests: a reply that ends, or a reader that stops early,
+    must not set it (that would cancel the others)."""
+    shared = threading.Event()
+    params = SamplingParams(temperature=0, max_tokens=3, logit_bias=NO_EOS)
+    assert run_one(backend, chat(backend, "one"), params, shared)[2].reason == "length"
+    stream = backend.generate(chat(backend, "two"), SamplingParams(temperature=0, max_tokens=300, logit_bias=NO_EOS),
+                              shared)  # fmt: skip
+    next(stream)
+    stream.close()  # the reader stops early: that request is dropped, nothing else
+    assert not shared.is_set()
+    assert run_one(backend, chat(backend, "three"), params, shared)[2].reason == "length"
+    deadline = time.monotonic() + 5
+    while backend.engine.busy:
+        assert time.monotonic() < deadline, "the dropped request kept its slot"
+        time.sleep(0.001)

@@ -315,14 +315,14 @@ class Backend(ABC):
 
     def _stream(self, prompt: list[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Event]:
         events: queue.SimpleQueue = queue.SimpleQueue()
-        self.engine.submit(prompt, params, cancel, events.put)
+        request = self.engine.submit(prompt, params, cancel, events.put)
         try:
             while (item := events.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            cancel.set()
+            request.stop.set()  # a reader that stopped early: the engine drops the request (else a no-op)
 
     def check_prompt(self, prompt: list[int]) -> None:
         """A prompt can be continued: not empty, and with room for at least one token in the context."""

@@ -51,9 +51,14 @@ class Request:
     cancel: threading.Event
     sink: Sink
     reply: Reply
+    stop: threading.Event = field(default_factory=threading.Event)  # the engine's own: a reader gone, shutdown
     slot: "Slot | None" = None
     todo: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
     next_token: int | None = None  # sampled, to be evaluated in the next step
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.is_set() or self.stop.is_set()
 
 
 @dataclass(eq=False)
@@ -94,8 +99,9 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     # -- the callers' side (any thread) -----------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams, cancel: threading.Event, sink: Sink) -> None:
-        """Queue a request; its events go to `sink` from the engine's thread, then None (or an error)."""
+    def submit(self, prompt: list[int], params: SamplingParams, cancel: threading.Event, sink: Sink) -> Request:
+        """Queue a request; its events go to `sink` from the engine's thread, then None (or an error).
+        Setting `cancel` (the caller's) or the request's own `stop` ends it before the next step."""
         reply = Reply(prompt, params, self.n_ctx, self.backend.token_bytes, self.backend.token_bytes_special,
                       self.backend.is_end_of_generation)  # fmt: skip
         request = Request(prompt, params, cancel, sink, reply)
@@ -108,6 +114,7 @@ class Engine:
             self._waiting.append(request)
             self._start()
             self._wake.notify()
+        return request
 
     @property
     def queued(self) -> int:
@@ -125,7 +132,7 @@ class Engine:
         with self._wake:
             requests = [*self._waiting, *(s.request for s in self.slots if s.request is not None)]
         for request in requests:
-            request.cancel.set()
+            request.stop.set()
         with self._wake:
             self._wake.notify()
 
@@ -178,7 +185,7 @@ class Engine:
     def _step(self) -> None:
         for slot in self.slots:
             request = slot.request
-            if request is not None and request.cancel.is_set():
+            if request is not None and request.cancelled:
                 self._end(slot, request.reply.end("cancelled"))
         self._admit()
         batch, rows = self._batch()
@@ -213,7 +220,7 @@ class Engine:
                 if not idle or not self._waiting:
                     return
                 request = self._waiting.popleft()
-            if request.cancel.is_set():
+            if request.cancelled:
                 request.sink(request.reply.finish("cancelled"))
                 request.sink(None)
                 continue
