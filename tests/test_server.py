@@ -30,7 +30,8 @@ def client(server):
 @pytest.fixture(scope="module")
 def reference(chat_gguf):
     """The library itself, to compare the server's output with."""
-    return load_backend(str(chat_gguf), LoadOptions(n_ctx=8192, n_threads=2))
+    # as the server loads it: `--parallel auto` is 2 on the CPU
+    return load_backend(str(chat_gguf), LoadOptions(n_ctx=8192, n_threads=2, n_parallel=2))
 
 
 def library_reply(backend, tokens, **params):

@@ -27,7 +27,7 @@ def server(chat_gguf):
 
 @pytest.fixture(scope="module")
 def reference(chat_gguf):
-    b = load_backend(str(chat_gguf), LoadOptions(n_ctx=1024, n_threads=2))
+    b = load_backend(str(chat_gguf), LoadOptions(n_ctx=1024, n_threads=2, n_parallel=4))  # as the server
     yield b
     b.close()
 
