@@ -339,4 +339,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the servers are stopped on the way out
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
