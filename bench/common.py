@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache"
 OUT = REPO / "bench" / "out"
 CORPUS = REPO / "tests" / "data" / "corpus.txt"
-TOOLS = ("llama-quantize", "llama-bench")
+TOOLS = ("llama-quantize", "llama-bench", "llama-server")
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
@@ -44,9 +44,12 @@ def llama_tool(name: str) -> Path:
         # The same flags as llama-cpp-python's build in the Makefile: no AMX kernels on x86-64 (they die
         # with SIGILL on some virtual machines), so the baseline runs the same kernels as yi-local.
         no_amx = ["-DCMAKE_C_FLAGS=" + NO_AMX, "-DCMAKE_CXX_FLAGS=" + NO_AMX] if platform.machine() in ("x86_64", "AMD64") else []
+        # llama-server's web page would come from npm or a download; it is left out (the API is what is measured).
+        no_ui = ["-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
         subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                         "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                        "-DBUILD_SHARED_LIBS=OFF", *no_amx], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+                        "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_SERVER=ON", *no_ui, *no_amx],
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
         subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TOOLS],
                        check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     return exe

@@ -1,4 +1,5 @@
-"""Benchmark models: Yi-6B's real tensor shapes with fewer layers, synthesized once into bench/out."""
+"""Benchmark models, synthesized once into bench/out: Yi-6B's real tensor shapes with fewer layers, and the
+tests' tiny Yi-shaped chat model."""
 
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ def yi6b_gguf(quant: str = "Q4_K_M", layers: int = 8) -> Path:
     path = OUT / f"Yi-6B-{layers}L-{quant}.gguf"
     if not path.is_file():
         model = yi6b_checkpoint(layers)
+        subprocess.run([sys.executable, "-m", "yi_local", "convert", str(model), "--q", quant, "-o", str(path)],
+                       check=True)  # fmt: skip
+    return path
+
+
+def tiny_gguf(quant: str = "Q8_0") -> Path:
+    """The tests' tiny chat model: checks a benchmark script end to end in seconds."""
+    path = OUT / f"Yi-Tiny-chat-{quant}.gguf"
+    if not path.is_file():
+        model = OUT / "Yi-Tiny-chat"
+        if not (model / "model.safetensors.index.json").is_file():
+            build_checkpoint(model, CORPUS, variant="chat")
         subprocess.run([sys.executable, "-m", "yi_local", "convert", str(model), "--q", quant, "-o", str(path)],
                        check=True)  # fmt: skip
     return path
