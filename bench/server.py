@@ -40,14 +40,16 @@ from statistics import mean
 
 import httpx
 from common import CORPUS, REPO, llama_tool, machine, table
-from decode import NO_END, bare_loop
 from models import tiny_gguf, yi6b_gguf
 
+from yi_local.benchmark import BareLoop
 from yi_local.llama_lib import llama_cpp
 
 CTX = 2048  # tokens per sequence, on both servers
 SERVERS = ("llama-server", "yi-local")
 BANNER = re.compile(r"yi-local: serving .* at (http://[^/\s]+)/")
+
+NO_END = {2: -100.0, 7: -100.0}  # </s> and <|im_end|>: every reply runs to max_tokens
 
 
 # -- prompts ----------------------------------------------------------------------------------
@@ -295,7 +297,13 @@ def main() -> int:
     bare = None
     if not args.no_bare_loop:
         tokens = prompts.tokens(prompts.next())
-        bare = bare_loop(str(model), tokens, args.max_tokens, args.threads, args.batch)[1]
+        loop = BareLoop(model)
+        try:
+            speed = loop.run([tokens], args.max_tokens, CTX, args.threads, args.batch,
+                             {t: -100.0 for t in loop.end_tokens()})  # fmt: skip
+        finally:
+            loop.close()
+        bare = speed.generate_tps
     prompts.close()
 
     p, n = args.parallel, max(args.clients)
