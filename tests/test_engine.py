@@ -2,7 +2,7 @@
 context, no cross-talk, batch composition, capacity per sequence, cancellation and slot choice.
 
 Batched arithmetic may round differently from a solo run, so "the same output" means: equal to the solo
-run up to the first step where the solo run's top-two logit margin is 1e-3 or less (MARGIN)."""
+run up to the first step where the solo run's top-two logit margin is MARGIN or less (tests/margins.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.margins import assert_same_under_margin
+from tests.margins import assert_same_under_margin, clear_prefix
 from yi_local.errors import YiLocalError
 from yi_local.runtime import Finish, LoadOptions, SamplingParams, TextDelta, load_backend
 from yi_local.runtime.engine import Chunk, QueueFullError
@@ -90,19 +90,20 @@ def test_requests_together_get_what_they_get_alone(backend, steps):
     assert len({tuple(ids) for _, ids, _ in solo}) > 1  # the prompts really lead to different replies
 
 
-def test_on_the_cpu_batched_output_is_exactly_the_solo_output(backend, steps):
-    """Stronger than the margin rule, on the CPU: whatever shares the batch and the cache (prompts read
-    together, caches reused and cut back while others run), each reply is bit for bit its solo run."""
+def test_caches_cut_back_while_others_run_give_what_a_solo_run_gives(backend, steps):
+    """Rounds of the same prompts: the first reads them, the next ones reuse and cut back the slots' caches
+    while the others generate. Every round, each reply is its solo run under the margin rule."""
     params = SamplingParams(temperature=0, max_tokens=20, logit_bias=NO_EOS)
     prompts = [chat(backend, p) for p in PROMPTS]
     solo = []
     for p in prompts:
         backend.reset()
         solo.append(run_one(backend, p, params)[1])
-    backend.reset()
-    for _ in range(3):  # the first round reads the prompts; the next ones reuse and cut back the caches
+    must = [clear_prefix(backend, p, ids) for p, ids in zip(prompts, solo)]  # (this empties the caches)
+    for _ in range(3):
         together = run_together(backend, [(p, params) for p in prompts])
-        assert [ids for _, ids, _ in together] == solo
+        for n, solo_ids, (_, ids, _) in zip(must, solo, together):
+            assert ids[:n] == solo_ids[:n] and len(ids) == len(solo_ids)
 
 
 def test_each_request_honours_only_its_own_sampling(backend, steps):
@@ -330,3 +331,78 @@ def test_a_finished_reply_leaves_the_callers_cancel_event_alone(backend, steps):
     while backend.engine.busy:
         assert time.monotonic() < deadline, "the dropped request kept its slot"
         time.sleep(0.001)
+
+
+def test_a_reader_that_cannot_take_events_stops_only_its_own_request(backend, steps):
+    """A sink that raises (a server whose event loop has closed) ends its request; the others and the
+    engine go on."""
+    def broken(item) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    cancel = threading.Event()
+    backend.engine.submit(chat(backend, "lost"), SamplingParams(temperature=0, max_tokens=50, logit_bias=NO_EOS),
+                          cancel, broken)  # fmt: skip
+    _, ids, finish = run_one(backend, chat(backend, "kept"), SamplingParams(temperature=0, max_tokens=20, logit_bias=NO_EOS))
+    assert finish.reason == "length" and len(ids) == 20
+    deadline = time.monotonic() + 5
+    while backend.engine.busy:
+        assert time.monotonic() < deadline, "the broken reader's request kept its slot"
+        time.sleep(0.001)
+
+
+def test_queue_bound_counts_only_requests_that_wait(chat_gguf):
+    """--queue 0: an idle slot still takes a request; with every slot busy the next is refused at once; a
+    waiting request whose caller leaves gives its place back at once."""
+    b = load_backend(str(chat_gguf), LoadOptions(n_ctx=256, n_threads=1, n_parallel=1))
+    try:
+        gate = threading.Event()
+        b.engine.on_step = lambda batch: gate.wait(10)
+        b.engine.max_queue = 0
+        params = SamplingParams(temperature=0, max_tokens=3)
+        first = threading.Thread(target=lambda: list(b.generate(chat(b, "hi"), params)))
+        first.start()
+        while not b.engine.busy:
+            time.sleep(0.001)
+        with pytest.raises(QueueFullError):
+            next(b.generate(chat(b, "hi"), params))
+        b.engine.max_queue = 1
+        leaving = threading.Event()
+        b.engine.submit(chat(b, "bye"), params, leaving, lambda item: None)
+        assert b.engine.queued == 1
+        with pytest.raises(QueueFullError):
+            next(b.generate(chat(b, "hi"), params))
+        leaving.set()  # its caller left: the place is free again
+        assert b.engine.queued == 0
+        waiting = b.generate(chat(b, "hi"), params)
+        got: list = []
+        t = threading.Thread(target=lambda: got.extend(waiting))
+        t.start()
+        gate.set()
+        first.join(10)
+        t.join(10)
+        assert got and got[-1].reason == "length"
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("n", [0, 512, 600])
+def test_the_engine_refuses_prompts_it_cannot_continue(backend, n):
+    with pytest.raises(YiLocalError, match="cannot be continued"):
+        backend.engine.submit([5] * n, SamplingParams(max_tokens=1), threading.Event(), lambda item: None)
+
+
+def test_closing_stops_what_runs_and_what_waits(chat_gguf):
+    b = load_backend(str(chat_gguf), LoadOptions(n_ctx=256, n_threads=1, n_parallel=1))
+    params = SamplingParams(temperature=0, max_tokens=200, logit_bias=NO_EOS)
+    b.engine.on_step = lambda batch: time.sleep(0.005)
+    results: dict[int, list] = {0: [], 1: []}
+    threads = [threading.Thread(target=lambda i=i: results[i].extend(b.generate(chat(b, f"hi {i}"), params)))
+               for i in range(2)]  # fmt: skip
+    for t in threads:
+        t.start()
+    while not (b.engine.busy and b.engine.queued):
+        time.sleep(0.001)
+    b.close()
+    for t in threads:
+        t.join(10)
+    assert [results[i][-1].reason for i in range(2)] == ["cancelled", "cancelled"]

@@ -26,6 +26,9 @@ from yi_local.runtime.params import ParamError, SamplingParams
 __all__ = ["Backend", "Chunk", "ContextOverflowError", "ModelInfo", "utf8"]
 
 
+_ENGINE_LOCK = threading.Lock()
+
+
 class ContextOverflowError(YiLocalError):
     def __init__(self, n_prompt: int, n_ctx: int, at_least: bool = False):
         super().__init__(
@@ -125,7 +128,9 @@ class Backend(ABC):
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = Engine(self, self.info.n_parallel, self.n_batch)
+            with _ENGINE_LOCK:  # two first callers at once must not get two engines on one context
+                if self._engine is None:
+                    self._engine = Engine(self, self.info.n_parallel, self.n_batch)
         return self._engine
 
     @property
@@ -141,9 +146,9 @@ class Backend(ABC):
         """Empty the KV cache of every slot that is not generating."""
         self.engine.reset()
 
-    def close(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
+    def close(self) -> bool:
+        """Stop generating; False if the engine's worker is still mid-step (then keep the model's memory)."""
+        return self._engine is None or self._engine.close()
 
     # -- shared --------------------------------------------------------------------------
     @property

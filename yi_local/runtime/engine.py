@@ -102,13 +102,19 @@ class Engine:
     def submit(self, prompt: list[int], params: SamplingParams, cancel: threading.Event, sink: Sink) -> Request:
         """Queue a request; its events go to `sink` from the engine's thread, then None (or an error).
         Setting `cancel` (the caller's) or the request's own `stop` ends it before the next step."""
+        if not 0 < len(prompt) < self.n_ctx:  # callers check first; an empty or overlong one would hang or spill
+            raise YiLocalError(f"a prompt of {len(prompt)} tokens cannot be continued in a context of {self.n_ctx}",
+                               hint="give a prompt shorter than the context")  # fmt: skip
         reply = Reply(prompt, params, self.n_ctx, self.backend.token_bytes, self.backend.token_bytes_special,
                       self.backend.is_end_of_generation)  # fmt: skip
         request = Request(prompt, params, cancel, sink, reply)
         with self._wake:
             if self._closed:
                 raise YiLocalError("the model is closed", hint="load it again")
-            if len(self._waiting) >= self.max_queue:
+            self._drop_cancelled()
+            # Requests that an idle slot takes at the next step do not wait: only the rest count.
+            idle = sum(slot.request is None for slot in self.slots)
+            if len(self._waiting) >= self.max_queue + idle:
                 raise QueueFullError(f"the server is busy: {len(self._waiting)} requests are waiting already",
                                      hint="retry shortly")  # fmt: skip
             self._waiting.append(request)
@@ -118,7 +124,16 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return len(self._waiting)
+        return sum(not r.cancelled for r in list(self._waiting))
+
+    def _drop_cancelled(self) -> None:
+        """Waiting requests whose callers left give their places back at once (called holding `_wake`)."""
+        if any(r.cancelled for r in self._waiting):
+            dead = [r for r in self._waiting if r.cancelled]
+            self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+            for request in dead:
+                _emit(request, request.reply.finish("cancelled"))
+                _emit(request, None)
 
     @property
     def busy(self) -> int:
@@ -144,14 +159,20 @@ class Engine:
                     self.backend._slot_truncate(slot.seq, 0)
                     slot.cache, slot.generated = [], []
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Stop every request and the worker; False if the worker is still mid-step (the model must then
+        stay allocated: freeing it under a running decode would crash)."""
         with self._wake:
             self._closed = True
             self._wake.notify()
         self.cancel_all()
-        # At interpreter exit a daemon thread can no longer run: joining it would only wait.
-        if self._thread is not None and self._thread is not threading.current_thread() and not sys.is_finalizing():
-            self._thread.join(timeout=30)
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        if sys.is_finalizing():  # at interpreter exit a daemon thread can no longer run: joining would only wait
+            return False
+        thread.join(timeout=60)
+        return not thread.is_alive()
 
     def _start(self) -> None:
         if self._thread is None:
@@ -185,7 +206,7 @@ class Engine:
     def _step(self) -> None:
         for slot in self.slots:
             request = slot.request
-            if request is not None and request.cancelled:
+            if request is not None and (request.cancelled or self._closed):
                 self._end(slot, request.reply.end("cancelled"))
         self._admit()
         batch, rows = self._batch()
@@ -196,9 +217,20 @@ class Engine:
         try:
             self.backend._decode(batch)
         except YiLocalError as e:  # e.g. the GPU's memory is full
-            for chunk in batch:
+            # A prompt chunk (many tokens, placed after the generating sequences' tokens) is the likely
+            # culprit: its request fails, and the others' tokens are tried again without it.
+            decoding = [c for c in batch if not self.slots[c.seq].request.todo]  # type: ignore[union-attr]
+            for chunk in batch if not decoding or len(decoding) == len(batch) else batch[len(decoding) :]:
                 self._fail(self.slots[chunk.seq], e)
-            return
+            if not decoding or len(decoding) == len(batch):
+                return
+            batch, rows = decoding, [(r, row) for r, row in rows if not r.todo]
+            try:
+                self.backend._decode(batch)
+            except YiLocalError as e2:
+                for chunk in batch:
+                    self._fail(self.slots[chunk.seq], e2)
+                return
         for chunk in batch:
             slot = self.slots[chunk.seq]
             request = slot.request
@@ -216,14 +248,11 @@ class Engine:
     def _admit(self) -> None:
         while True:
             with self._wake:
+                self._drop_cancelled()
                 idle = [slot for slot in self.slots if slot.request is None]
-                if not idle or not self._waiting:
+                if not idle or not self._waiting or self._closed:
                     return
                 request = self._waiting.popleft()
-            if request.cancelled:
-                request.sink(request.reply.finish("cancelled"))
-                request.sink(None)
-                continue
             slot = _choose(idle, request.prompt)
             try:
                 self._begin(slot, request)
@@ -232,7 +261,7 @@ class Engine:
                     self._fail(slot, e)
                 else:  # failed before taking the slot, whose cache may be half cut: empty it
                     slot.cache, slot.generated = [], []
-                    request.sink(e)
+                    _emit(request, e)
 
     def _begin(self, slot: Slot, request: Request) -> None:
         prompt = request.prompt
@@ -288,10 +317,10 @@ class Engine:
             return
         events, done = reply.push(token)
         for event in events:
-            request.sink(event)
+            _emit(request, event)
         if done:
             self._release(slot)
-            request.sink(None)
+            _emit(request, None)
         else:
             request.next_token = token
 
@@ -300,8 +329,8 @@ class Engine:
         assert request is not None
         self._release(slot)
         for event in events:
-            request.sink(event)
-        request.sink(None)
+            _emit(request, event)
+        _emit(request, None)
 
     def _fail(self, slot: Slot, error: BaseException) -> None:
         request = slot.request
@@ -314,7 +343,7 @@ class Engine:
             logger.exception("clearing slot %d failed", slot.seq)
         slot.cache, slot.generated = [], []
         self._release(slot)
-        request.sink(error)
+        _emit(request, error)
 
     def _release(self, slot: Slot) -> None:
         request = slot.request
@@ -326,6 +355,16 @@ class Engine:
             self.backend._end_sampling(slot.seq)
         except BaseException:
             logger.exception("freeing slot %d's sampler failed", slot.seq)
+
+
+def _emit(request: Request, item: Event | BaseException | None) -> None:
+    """Hand an item to the request's reader; a reader that cannot take it (its event loop closed) is
+    gone: its request stops, and the engine and the other requests go on."""
+    try:
+        request.sink(item)
+    except BaseException:
+        logger.exception("a reader could not take its events; its request stops")
+        request.stop.set()
 
 
 def _choose(idle: list[Slot], prompt: list[int]) -> Slot:

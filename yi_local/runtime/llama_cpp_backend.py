@@ -94,13 +94,6 @@ class LlamaCppBackend(Backend):
         n_ctx_seq = options.n_ctx if options.n_ctx > 0 else n_train
         cparams.n_ctx = n_ctx_seq * n_seq
         cparams.n_seq_max = n_seq
-        if n_seq > 1 and (gpu is None or plan.n_gpu_layers == 0):
-            # The CPU's flash attention sums V in fp16 in the order of the cache's cells; in a cache shared
-            # by several sequences that order depends on what the others did, and a reply drifted from its
-            # solo run by up to ~1e-2 in a logit. The plain attention path gives each sequence the same
-            # result whatever shares its batch or cache (bit for bit). It costs nothing at short contexts
-            # and 12-18% at 2k tokens (llama-bench -fa 0,1 -d 2048, 2-core CPU), so one sequence keeps it.
-            cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cparams.kv_unified = n_seq > 1
         cparams.n_batch = cparams.n_ubatch = options.n_batch
         threads = options.n_threads or hardware.cpu_count()
@@ -314,7 +307,9 @@ class LlamaCppBackend(Backend):
             self._L.llama_sampler_free(sampling.chain)
 
     def close(self) -> None:
-        super().close()  # the engine's worker first: it may be mid-step
+        if not super().close():  # the engine's worker first: it may be mid-step
+            logger.warning("the generation thread did not stop; the model stays in memory until exit")
+            return
         for seq in list(self._samplers):
             self._end_sampling(seq)
         for box in self._grammar_boxes.values():

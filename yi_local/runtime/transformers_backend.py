@@ -308,5 +308,5 @@ class TransformersBackend(Backend):
         return int(torch.multinomial(probs, 1, generator=self._generator))
 
     def close(self) -> None:
-        super().close()
-        self._cache_obj = None
+        if super().close():
+            self._cache_obj = None
