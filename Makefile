@@ -45,6 +45,7 @@ bench: install
 	$(PY) bench/decode.py
 	$(PY) bench/chat_ttft.py
 	$(PY) bench/chat_speed.py
+	$(PY) bench/server.py
 
 lint: install
 	$(PY) -m pip install -q ruff
