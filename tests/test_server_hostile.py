@@ -28,7 +28,7 @@ JSON_HEADERS = {"content-type": "application/json"}
 
 @pytest.fixture(scope="module")
 def server(chat_gguf):
-    with running_server(chat_gguf, "--ctx", "2048") as (base, proc):
+    with running_server(chat_gguf, "--ctx", "2048", "--parallel", "1") as (base, proc):  # the library's cache layout
         yield base, proc
 
 
@@ -334,13 +334,17 @@ def test_sigterm_stops_the_server_cleanly(chat_gguf):
         assert "Traceback" not in proc.stderr.read()
 
 
-def test_openai_client_end_to_end_with_every_sampling_field(server, reference):
-    client = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=60)
+def test_openai_client_end_to_end_with_every_sampling_field(chat_gguf, reference):
+    """A seeded, sampled reply equals the library's: every field reached the sampler. A fresh server with
+    one slot, so that its KV cache's layout (which the arithmetic depends on) is the library's."""
     fields = dict(max_tokens=10, temperature=0.9, top_p=0.8, seed=11, frequency_penalty=0.3, presence_penalty=0.2,
                   stop=["zz"])  # fmt: skip
     extra = dict(top_k=20, min_p=0.02, repeat_penalty=1.2, repeat_last_n=16)
-    resp = client.chat.completions.create(model="Yi-Tiny-chat", messages=MESSAGES, logit_bias=NO_EOS, extra_body=extra,
-                                          **fields)  # fmt: skip
+    with running_server(chat_gguf, "--ctx", "2048", "--parallel", "1") as (base, _):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        resp = client.chat.completions.create(model="Yi-Tiny-chat", messages=MESSAGES, logit_bias=NO_EOS,
+                                              extra_body=extra, **fields)  # fmt: skip
+    reference.reset()
     expected = library(reference, MESSAGES, logit_bias={2: -100.0, 7: -100.0}, **fields, **extra)
     assert resp.choices[0].message.content == expected
 
