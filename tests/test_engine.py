@@ -406,3 +406,27 @@ def test_closing_stops_what_runs_and_what_waits(chat_gguf):
     for t in threads:
         t.join(10)
     assert [results[i][-1].reason for i in range(2)] == ["cancelled", "cancelled"]
+
+
+def test_a_prompt_chunk_that_fails_to_evaluate_fails_only_its_own_request(backend, steps, monkeypatch):
+    """A step whose decode fails (e.g. out of memory on a big prompt chunk) fails that prompt's request;
+    the sequences already generating are evaluated again without it and finish."""
+    real = backend._decode
+
+    def decode(batch):
+        if len(batch) > 1 and len(batch[-1].tokens) > 1:
+            raise YiLocalError("out of memory")
+        real(batch)
+
+    backend.engine.on_step = lambda batch: (steps.append(batch), time.sleep(0.002))  # 40 steps outlast the test
+    params = SamplingParams(temperature=0, max_tokens=40, logit_bias=NO_EOS)
+    results: list = []
+    running = threading.Thread(target=lambda: results.append(run_one(backend, chat(backend, PROMPTS[0]), params)))
+    running.start()
+    while not any(len(c.tokens) == 1 for b in steps for c in b):  # it generates
+        time.sleep(0.001)
+    monkeypatch.setattr(backend, "_decode", decode)
+    with pytest.raises(YiLocalError, match="out of memory"):
+        run_one(backend, chat(backend, PROMPTS[1]), params)
+    running.join(30)
+    assert results[0][2].reason == "length" and len(results[0][1]) == 40

@@ -138,10 +138,6 @@ class Backend(ABC):
         """Tokens one step may evaluate."""
         return 512
 
-    def cached_tokens(self) -> list[int]:
-        """The tokens the first slot's cache holds now, in order."""
-        return self.engine.caches()[0][0]
-
     def reset(self) -> None:
         """Empty the KV cache of every slot that is not generating."""
         self.engine.reset()

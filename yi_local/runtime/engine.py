@@ -217,19 +217,18 @@ class Engine:
         try:
             self.backend._decode(batch)
         except YiLocalError as e:  # e.g. the GPU's memory is full
-            # A prompt chunk (many tokens, placed after the generating sequences' tokens) is the likely
-            # culprit: its request fails, and the others' tokens are tried again without it.
-            decoding = [c for c in batch if not self.slots[c.seq].request.todo]  # type: ignore[union-attr]
-            for chunk in batch if not decoding or len(decoding) == len(batch) else batch[len(decoding) :]:
-                self._fail(self.slots[chunk.seq], e)
-            if not decoding or len(decoding) == len(batch):
+            # A prompt chunk (many tokens; the batch's last chunk) is the likely culprit: its request
+            # fails, and the generating sequences' tokens are tried again without it.
+            last = self.slots[batch[-1].seq].request
+            if len(batch) == 1 or last is None or not last.todo:
+                self._fail_all(batch, e)
                 return
-            batch, rows = decoding, [(r, row) for r, row in rows if not r.todo]
+            self._fail(self.slots[batch[-1].seq], e)
+            batch, rows = batch[:-1], [(r, row) for r, row in rows if r is not last]
             try:
                 self.backend._decode(batch)
             except YiLocalError as e2:
-                for chunk in batch:
-                    self._fail(self.slots[chunk.seq], e2)
+                self._fail_all(batch, e2)
                 return
         for chunk in batch:
             slot = self.slots[chunk.seq]
@@ -307,7 +306,7 @@ class Engine:
         slot = request.slot
         assert slot is not None
         reply = request.reply
-        if not reply.wants_more:  # max_tokens 0, or a prompt that fills the context
+        if not reply.wants_more:  # max_tokens 0 from a caller that skipped SamplingParams.validate
             self._end(slot, reply.end("length"))
             return
         try:
@@ -331,6 +330,10 @@ class Engine:
         for event in events:
             _emit(request, event)
         _emit(request, None)
+
+    def _fail_all(self, batch: list[Chunk], error: BaseException) -> None:
+        for chunk in batch:
+            self._fail(self.slots[chunk.seq], error)
 
     def _fail(self, slot: Slot, error: BaseException) -> None:
         request = slot.request
