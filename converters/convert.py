@@ -13,6 +13,8 @@ from gguf import GGML_QUANT_VERSION, GGUFWriter
 from converters.checkpoint import TensorSource, load_tensor_sources
 from converters.gguf_file import verify_gguf, write_gguf
 from converters.hf_config import ModelParams, read_model_params
+from converters.importance import (ImatrixRequest, check_fit, check_matrix_output, check_request, prepare_imatrix,
+                                  provenance)
 from converters.progress import NullProgress, Progress
 from converters.quantize import quantize_file
 from converters.tensors import plan_tensors
@@ -30,6 +32,8 @@ class ConvertResult:
     model_name: str
     is_chat: bool
     notes: list[str] = field(default_factory=list)
+    imatrix: Path | None = None  # the importance matrix computed and saved beside the outputs
+    imatrix_provenance: dict | None = None  # of the matrix the files were quantized with
 
 
 # The files of a model folder the converter reads, besides the weights: none may be overwritten.
@@ -98,6 +102,7 @@ def convert(
     force: bool = False,
     progress: Progress | None = None,
     model_name: str | None = None,
+    imatrix: ImatrixRequest | None = None,
 ) -> ConvertResult:
     """Convert the Hugging Face model folder `src`; see `yi-local convert --help` for the options."""
     progress = progress or NullProgress()
@@ -109,12 +114,15 @@ def convert(
     model_name = model_name or os.fsencode(model_dir.resolve().name).decode("utf-8", "replace")
     quant_types = list(dict.fromkeys(parse_quant(q) for q in quants))
     explicit = parse_outtype(outtype)
+    reused = check_request(imatrix, quant_types)
 
     # Everything that can be wrong with the input is found before anything is written.
     params = read_model_params(model_dir)
     sources = load_tensor_sources(model_dir)
     unquantized = explicit or OUT_TYPES[AUTO_OUT_TYPE[_checkpoint_type(sources)]]
     plans = plan_tensors(sources, params, unquantized.tensor_type)
+    if reused is not None:
+        check_fit(reused, [(p.name, p.shape) for p in plans], quant_types, imatrix.file)
     vocab = read_vocab(model_dir, params.vocab_size)
     keep_path, quant_paths = _output_paths(
         Path(out) if out is not None else None, model_name, unquantized, explicit is not None or not quant_types, quant_types
@@ -123,6 +131,7 @@ def convert(
     for p in [keep_path, *quant_paths]:
         if p is not None:
             check_writable(p, force, inputs)
+    matrix_out = check_matrix_output(imatrix, quant_paths[0].parent, model_name, force, list(inputs)) if quant_paths else None
 
     result = ConvertResult(files=[], model_name=model_name, is_chat=vocab.is_chat, notes=list(vocab.notes))
     total = sum(p.src.nbytes for p in plans)
@@ -143,13 +152,8 @@ def convert(
         verify_gguf(path, plans)
 
     def quantize_all(base: Path) -> None:
-        for quant, dest, size in zip(quant_types, quant_paths, quant_bytes):
-            task = progress.task(f"quantize → {quant.name}", size)
-            try:
-                quantize_file(base, dest, quant, threads, force, on_progress=task.update, expected_bytes=size)
-            finally:
-                task.close()
-            result.files.append(dest)
+        _quantize_each(base, quant_types, quant_paths, quant_bytes, threads, force, progress, result,
+                       imatrix, reused, matrix_out)  # fmt: skip
 
     if keep_path is not None:
         with atomic_output(keep_path, force=True) as tmp:
@@ -162,6 +166,24 @@ def convert(
             write_base(tmp, kept=False)
             quantize_all(tmp)
     return result
+
+
+def _quantize_each(base: Path, quant_types: Sequence[QuantType], dests: Sequence[Path], sizes: Sequence[int],
+                   threads: int, force: bool, progress: Progress, result: ConvertResult,
+                   imatrix: ImatrixRequest | None, reused, matrix_out: Path | None) -> None:  # fmt: skip
+    """Quantize `base` to each level, with the importance matrix when one was asked for."""
+    use = None
+    if imatrix is not None and imatrix.wanted:
+        use, matrix = prepare_imatrix(imatrix, reused, base, matrix_out, threads, progress, force)
+        result.imatrix = matrix_out
+        result.imatrix_provenance = provenance(use, matrix)
+    for quant, dest, size in zip(quant_types, dests, sizes):
+        task = progress.task(f"quantize → {quant.name}", size)
+        try:
+            quantize_file(base, dest, quant, threads, force, on_progress=task.update, expected_bytes=size, imatrix=use)
+        finally:
+            task.close()
+        result.files.append(dest)
 
 
 def _quantized_bytes(n_params: int, quant: QuantType) -> int:
@@ -184,6 +206,7 @@ def requantize(
     threads: int | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    imatrix: ImatrixRequest | None = None,
 ) -> ConvertResult:
     """Quantize an existing (unquantized) GGUF to each of `quants` with llama.cpp."""
     progress = progress or NullProgress()
@@ -192,25 +215,22 @@ def requantize(
     quant_types = list(dict.fromkeys(parse_quant(q) for q in quants))
     if not quant_types:
         raise YiLocalError(f"{path.name} is already a GGUF", hint="give --q TYPE to quantize it to another level")
+    reused = check_request(imatrix, quant_types)
     header = _check_unquantized(path)
+    if reused is not None:
+        check_fit(reused, [(t.name, t.shape) for t in header.tensors], quant_types, imatrix.file)
     stem = path.stem
     for suffix in ("-F32", "-F16", "-BF16", "-f32", "-f16", "-bf16"):
         stem = stem.removesuffix(suffix)
     _, dests = _output_paths(Path(out) if out is not None else None, stem, OUT_TYPES["F16"], False, quant_types)
     for dest in dests:
         check_writable(dest, force, [path])
+    matrix_out = check_matrix_output(imatrix, dests[0].parent, stem, force, [path])
     n_params = sum(math.prod(t.shape) for t in header.tensors)
     sizes = [_quantized_bytes(n_params, q) for q in quant_types]
     check_room(_needs(list(zip(dests, sizes))))
     result = ConvertResult(files=[], model_name=stem, is_chat=False)
-    for quant, dest, size in zip(quant_types, dests, sizes):
-        task = progress.task(f"quantize → {quant.name}", size)
-        try:
-            quantize_file(path, dest, quant, threads, force, on_progress=task.update,
-                          expected_bytes=size)
-        finally:
-            task.close()
-        result.files.append(dest)
+    _quantize_each(path, quant_types, dests, sizes, threads, force, progress, result, imatrix, reused, matrix_out)
     return result
 
 

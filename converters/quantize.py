@@ -8,8 +8,10 @@ import resource
 import shutil
 import threading
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 from gguf import Keys
 
 from yi_local.atomic import atomic_output
@@ -17,11 +19,26 @@ from yi_local.errors import YiLocalError
 from yi_local.units import format_size
 from yi_local.gguf_header import read_header
 from yi_local.llama_lib import llama_cpp as load_llama_cpp
-from yi_local.quant_types import QuantType
+from yi_local.quant_types import (KEY_IMATRIX_CHUNKS, KEY_IMATRIX_DATASET, KEY_IMATRIX_ENTRIES,
+                                  KEY_IMATRIX_FILE, QuantType)
 
 # Bytes of tensor rows llama.cpp keeps in memory at once (its default is 8 GiB): small enough to
 # keep peak RSS below llama-quantize's, large enough not to slow it down.
 MAX_BUF_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class ImatrixUse:
+    """An importance matrix as the quantizer takes it: per weight, each column's mean squared input."""
+
+    weights: dict[str, np.ndarray]  # float32, by tensor name
+    file: str  # the matrix file's name, recorded in the output
+    dataset: str  # the calibration text's name
+    chunks: int
+
+    def provenance(self) -> dict[str, str | int]:
+        return {KEY_IMATRIX_FILE: self.file, KEY_IMATRIX_DATASET: self.dataset,
+                KEY_IMATRIX_ENTRIES: len(self.weights), KEY_IMATRIX_CHUNKS: self.chunks}  # fmt: skip
 
 
 def quantize_file(
@@ -32,6 +49,7 @@ def quantize_file(
     force: bool = False,
     on_progress: Callable[[int], None] | None = None,
     expected_bytes: int = 0,
+    imatrix: ImatrixUse | None = None,
 ) -> None:
     """Quantize the GGUF `src` into `dest` atomically; `on_progress` gets the bytes written so far."""
     llama_cpp = load_llama_cpp()
@@ -39,6 +57,10 @@ def quantize_file(
     params.nthread = threads
     params.ftype = int(quant.ftype)
     params.max_buf_size = MAX_BUF_BYTES
+    if quant.needs_imatrix and imatrix is None:
+        raise YiLocalError(f"{quant.name} needs an importance matrix",
+                           hint=f"add --imatrix to compute one (or --imatrix-file FILE to reuse one): --q {quant.name} --imatrix")  # fmt: skip
+    keep_alive = _set_imatrix(llama_cpp, params, imatrix) if imatrix is not None else None
     result: list[int] = []
 
     # llama.cpp opens its output by name: it writes into a private folder, never through a path
@@ -56,9 +78,32 @@ def quantize_file(
             worker.join(0.2)
             if on_progress and tmp.exists():
                 on_progress(tmp.stat().st_size)
+        del keep_alive  # the arrays llama.cpp read from, kept until it returned
         if not result or result[0] != 0:
             _explain_failure(src, dest, tmp, quant, expected_bytes)
         _verify(tmp, quant)
+
+
+def _set_imatrix(llama_cpp, params, imatrix: ImatrixUse) -> list:
+    """Point `params` at the matrix (a NULL-named entry ends the array) and its provenance keys."""
+    names = sorted(imatrix.weights)
+    arrays = [np.ascontiguousarray(imatrix.weights[n], dtype=np.float32) for n in names]
+    data = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+    for i, (name, a) in enumerate(zip(names, arrays)):
+        data[i].name = name.encode()
+        data[i].data = a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        data[i].size = a.size
+    provenance = imatrix.provenance()
+    kvs = (llama_cpp.llama_model_kv_override * (len(provenance) + 1))()  # an empty key ends the array
+    for kv, (key, value) in zip(kvs, provenance.items()):
+        kv.key = key.encode()
+        if isinstance(value, int):
+            kv.tag, kv.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, value
+        else:
+            kv.tag, kv.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127].decode("utf-8", "ignore").encode()
+    params.imatrix = data
+    params.kv_overrides = kvs
+    return [data, arrays, kvs]
 
 
 def _explain_failure(src: Path, dest: Path, tmp: Path, quant: QuantType, expected: int) -> None:

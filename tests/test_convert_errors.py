@@ -79,7 +79,7 @@ def test_shard_named_by_index_but_missing(model, tmp_path):
 def test_unknown_quant_lists_valid_ones(model, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("convert", str(model), "-o", str(out), "--q", "Q4_K_X")
-    fails_cleanly(proc, "unknown quantization type 'Q4_K_X'", "Q2_K, Q3_K_S", "Q6_K, Q8_0", out=out)
+    fails_cleanly(proc, "unknown quantization type 'Q4_K_X'", "IQ2_M, Q2_K_S, Q2_K", "Q6_K, Q8_0", out=out)
 
 
 def test_existing_output_needs_force(model, tmp_path):

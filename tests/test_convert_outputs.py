@@ -22,24 +22,26 @@ from yi_local.quant_types import QUANT_TYPES
 FFN_GATE_TYPE = {
     "Q2_K": T.Q2_K, "Q3_K_S": T.Q3_K, "Q3_K_M": T.Q3_K, "Q3_K_L": T.Q3_K, "Q4_0": T.Q4_0, "Q4_1": T.Q4_1,
     "Q4_K_S": T.Q4_K, "Q4_K_M": T.Q4_K, "Q5_0": T.Q5_0, "Q5_1": T.Q5_1, "Q5_K_S": T.Q5_K, "Q5_K_M": T.Q5_K,
-    "Q6_K": T.Q6_K, "Q8_0": T.Q8_0,
+    "Q6_K": T.Q6_K, "Q8_0": T.Q8_0, "IQ3_S": T.IQ3_S, "IQ3_M": T.IQ3_S, "IQ4_XS": T.IQ4_XS, "IQ4_NL": T.IQ4_NL,
 }  # fmt: skip
+# The levels that need no importance matrix (the others: tests/test_imatrix_quantize.py).
+LEVELS = [name for name, q in QUANT_TYPES.items() if not q.needs_imatrix]
 
 
 @pytest.fixture(scope="module")
 def all_levels(chat_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("levels")
-    result = convert(chat_dir, out=out, quants=[q.lower() for q in QUANT_TYPES])
+    result = convert(chat_dir, out=out, quants=[q.lower() for q in LEVELS])
     return out, result
 
 
 def test_every_level_is_made_from_one_intermediate(all_levels, chat_dir):
     out, result = all_levels
-    assert [p.name for p in result.files] == [f"{chat_dir.name}-{q}.gguf" for q in QUANT_TYPES]
+    assert [p.name for p in result.files] == [f"{chat_dir.name}-{q}.gguf" for q in LEVELS]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in result.files)  # intermediate removed
 
 
-@pytest.mark.parametrize("level", list(QUANT_TYPES))
+@pytest.mark.parametrize("level", LEVELS)
 def test_level_loads_with_its_file_type_and_tensor_types(all_levels, chat_dir, level):
     out, _ = all_levels
     path = out / f"{chat_dir.name}-{level}.gguf"

@@ -18,7 +18,8 @@ HEADROOM = 0.9
 # Tokens per second below which a chat no longer feels interactive (reading speed is ~5-8 words/s).
 INTERACTIVE_TPS = 10.0
 # The levels `doctor` shows (the full list is in yi_local.quant_types).
-DOCTOR_LEVELS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+# IQ2_M and IQ3_M: what fits Yi-34B into 16 GB (the store makes them with an importance matrix).
+DOCTOR_LEVELS = ("IQ2_M", "Q2_K", "IQ3_M", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 
 
 def kv_cache_bytes(n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int, bytes_per_value: int = 2) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from yi_local.errors import YiLocalError
@@ -29,3 +30,30 @@ def llama_cpp():
             module.llama_backend_init()
             _ready = True
     return module
+
+
+def load_model(path: str | os.PathLike[str], n_gpu_layers: int = 0, vocab_only: bool = False):
+    """A `llama_model` pointer for the GGUF at `path` (-1 GPU layers: all); YiLocalError when llama.cpp refuses it.
+
+    The caller frees it with `llama_model_free`.
+    """
+    L = llama_cpp()
+    mp = L.llama_model_default_params()
+    mp.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
+    mp.vocab_only = vocab_only
+    model = L.llama_model_load_from_file(os.fsencode(path), mp)
+    if not model:
+        raise YiLocalError(f"llama.cpp could not load {path}", hint="the file may be damaged; convert it again")
+    return model
+
+
+def tokenize(vocab, data: bytes, add_special: bool, parse_special: bool) -> list[int]:
+    """llama.cpp's tokens for `data` (add_special: BOS when the vocabulary adds one)."""
+    L = llama_cpp()
+    n_max = len(data) + 8
+    buf = (L.llama_token * n_max)()
+    n = L.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
+    if n < 0:
+        buf = (L.llama_token * -n)()
+        n = L.llama_tokenize(vocab, data, len(data), buf, -n, add_special, parse_special)
+    return list(buf[:n])

@@ -11,11 +11,13 @@ from pathlib import Path
 
 from converters.convert import convert
 from converters.hf_config import read_model_params
+from converters.importance import ImatrixRequest
 from converters.progress import Progress
 from yi_local import hub, store
 from yi_local.catalog import ModelRef, parse_name
 from yi_local.errors import YiLocalError
 from yi_local.model_spec import as_path, looks_like_path, path_kind
+from yi_local.quant_types import QUANT_TYPES
 
 
 @dataclass(frozen=True)
@@ -33,14 +35,28 @@ def locked(repo: str, doing: str):
     return lock
 
 
+def wants_imatrix(quant: str) -> bool:
+    """The store quantizes the IQ levels (and Q2_K_S) with an importance matrix: they need or gain most from one."""
+    return QUANT_TYPES[quant].needs_imatrix or quant.startswith("IQ")
+
+
 def convert_into_store(src: Path, repo: str, name: str | None, quant: str, revision: str | None,
-                        progress: Progress | None, threads: int | None, extra: dict | None = None) -> store.StoredModel:  # fmt: skip
-    """Convert `src` into the store and record it. The caller holds `store.repo_lock(repo)`."""
+                        progress: Progress | None, threads: int | None, extra: dict | None = None,
+                        imatrix: bool = False) -> store.StoredModel:  # fmt: skip
+    """Convert `src` into the store and record it. The caller holds `store.repo_lock(repo)`.
+
+    With `imatrix` (or at a level that wants one) an importance matrix is computed on the packaged
+    calibration text on the way; the manifest records which.
+    """
     model_name = repo.rsplit("/", 1)[-1][:120]  # a local folder's name may be long: room for temp names
     params = read_model_params(src)
     dest = store.prepare_folder(repo) / f"{model_name}-{quant}.gguf"
-    result = convert(src, out=dest, quants=[quant], threads=threads, force=True, progress=progress, model_name=model_name)
+    matrix = ImatrixRequest(compute=True, save=False) if imatrix or wants_imatrix(quant) else None
+    result = convert(src, out=dest, quants=[quant], threads=threads, force=True, progress=progress, model_name=model_name,
+                     imatrix=matrix)  # fmt: skip
     options = {"quant": quant, "outtype": "auto", **(extra or {})}
+    if result.imatrix_provenance is not None:
+        options["imatrix"] = result.imatrix_provenance
     try:
         return store.record(repo, name, quant, result.files[0], revision=revision, context=params.context_length,
                             chat=result.is_chat, options=options)  # fmt: skip
@@ -50,8 +66,10 @@ def convert_into_store(src: Path, repo: str, name: str | None, quant: str, revis
 
 
 def pull(spec: str | ModelRef, keep_source: bool = False, progress: Progress | None = None,
-         threads: int | None = None) -> PullResult:  # fmt: skip
-    """Download, convert and store one model. Pulls of one model wait for each other and share the download."""
+         threads: int | None = None, imatrix: bool = False) -> PullResult:  # fmt: skip
+    """Download, convert and store one model. Pulls of one model wait for each other and share the download.
+
+    `imatrix`: quantize with an importance matrix even at a level that does not want one by default."""
     if isinstance(spec, str) and (path_kind(as_path(spec)) is not None or looks_like_path(spec)):
         raise YiLocalError(f"{spec[:200]} is a path: pull takes a model name or a hub repo id",
                            hint="a local folder needs no pull: `yi-local run FOLDER` converts it into the store, "
@@ -70,7 +88,7 @@ def pull(spec: str | ModelRef, keep_source: bool = False, progress: Progress | N
                 if keep_source:
                     hub.keep_download(download.path)
                 model = convert_into_store(download.path, ref.repo, ref.entry.name if ref.entry else None,
-                                            ref.quant, download.revision, progress, threads)  # fmt: skip
+                                            ref.quant, download.revision, progress, threads, imatrix=imatrix)  # fmt: skip
                 present = False
             else:
                 present = True

@@ -1,0 +1,237 @@
+"""Compute an importance matrix in-process, as llama.cpp's llama-imatrix does, without torch.
+
+The model evaluates the calibration text in windows of `n_ctx` tokens (each starting with BOS, several
+windows to a batch); ggml's scheduler hands every matrix multiplication whose weight is a `blk.*`
+tensor to `cb_eval`, where the squared input activations are summed per column. The result is what
+llama-imatrix writes (see imatrix_file.py), entry for entry.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from converters.imatrix_file import Entry, Imatrix
+from converters.progress import NullProgress, Progress
+from yi_local.errors import YiLocalError
+from yi_local.llama_lib import llama_cpp, load_model, tokenize
+
+N_CTX = 512  # llama-imatrix's default window
+N_BATCH = 2048  # tokens per llama_decode: four windows, as llama-imatrix batches them
+MIN_ROWS = 16  # llama-imatrix ignores smaller multiplications
+
+
+class GgmlTensor(ctypes.Structure):
+    """ggml.h's `struct ggml_tensor`, checked against the library by `_Ggml` before any use."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+class _Ggml:
+    """The few ggml functions the collector needs, and the struct layout proven on a probe tensor."""
+
+    def __init__(self) -> None:
+        import llama_cpp._ctypes_extensions as ext
+
+        lib = ext.load_shared_library("ggml-base", Path(llama_cpp().__file__).parent / "lib")
+        for name, res, args in (
+            ("ggml_init", ctypes.c_void_p, [_InitParams]),
+            ("ggml_free", None, [ctypes.c_void_p]),
+            ("ggml_new_tensor_2d", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]),
+            ("ggml_set_name", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
+            ("ggml_get_data", ctypes.c_void_p, [ctypes.c_void_p]),
+            ("ggml_nbytes", ctypes.c_size_t, [ctypes.c_void_p]),
+            ("ggml_op_name", ctypes.c_char_p, [ctypes.c_int]),
+            ("ggml_backend_buffer_is_host", ctypes.c_bool, [ctypes.c_void_p]),
+            ("ggml_backend_tensor_get", None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]),
+        ):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+        self.lib = lib
+        self.mul_mat = next(i for i in range(256) if lib.ggml_op_name(i) == b"MUL_MAT")
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        lib = self.lib
+        ctx = lib.ggml_init(_InitParams(1 << 16, None, False))
+        try:
+            ptr = lib.ggml_new_tensor_2d(ctx, 0, 3, 5)  # F32, 3 columns, 5 rows
+            lib.ggml_set_name(ptr, b"yi-local probe")
+            t = GgmlTensor.from_address(ptr)
+            seen = (t.type, tuple(t.ne), tuple(t.nb), t.data, t.name, lib.ggml_nbytes(ptr))
+            want = (0, (3, 5, 1, 1), (4, 12, 60, 60), lib.ggml_get_data(ptr), b"yi-local probe", 60)
+        finally:
+            lib.ggml_free(ctx)
+        if seen != want:
+            raise YiLocalError("this llama.cpp build's ggml_tensor layout is not the one yi-local knows",
+                               hint="reinstall the llama-cpp-python version yi-local pins (see pyproject.toml)")  # fmt: skip
+
+
+_ggml: _Ggml | None = None
+_ggml_lock = threading.Lock()
+
+
+def ggml() -> _Ggml:
+    global _ggml
+    with _ggml_lock:
+        if _ggml is None:
+            _ggml = _Ggml()
+        return _ggml
+
+
+def weight_name(raw: bytes) -> str:
+    """The weight's own name: llama.cpp names some graph copies `prefix#name#suffix`."""
+    name = raw.decode("utf-8", "replace")
+    if "#" in name:
+        name = name.split("#")[1]
+    return name
+
+
+class _Collector:
+    """The `cb_eval` callback: sums of squared inputs per weight column, in float64."""
+
+    def __init__(self) -> None:
+        self.g = ggml()
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+        self.error: BaseException | None = None
+        self._copy = np.empty(0, dtype=np.uint8)
+        self.callback = llama_cpp().ggml_backend_sched_eval_callback(self._eval)
+
+    def _eval(self, ptr: int, ask: bool, _user) -> bool:
+        try:
+            t = GgmlTensor.from_address(ptr)
+            if t.op != self.g.mul_mat:
+                return False
+            src0, src1 = GgmlTensor.from_address(t.src[0]), GgmlTensor.from_address(t.src[1])
+            if ask:
+                return src1.ne[1] >= MIN_ROWS and src1.type == 0 and weight_name(src0.name).startswith("blk.")
+            self._add(weight_name(src0.name), src0, src1, t.src[1])
+        except BaseException as e:  # an exception must not cross back into C
+            self.error = self.error or e
+        return True  # False would stop the graph's computation
+
+    def _add(self, name: str, w: GgmlTensor, x: GgmlTensor, x_ptr: int) -> None:
+        ne, nb = tuple(x.ne), tuple(x.nb)
+        span = sum((n - 1) * s for n, s in zip(ne[1:], nb[1:])) + ne[0] * 4
+        if self.g.lib.ggml_backend_buffer_is_host(x.buffer):
+            base = np.frombuffer((ctypes.c_char * span).from_address(x.data), dtype=np.float32)
+        else:  # a GPU buffer: copy it to the host first
+            if self._copy.size < span:
+                self._copy = np.empty(span, dtype=np.uint8)
+            self.g.lib.ggml_backend_tensor_get(x_ptr, self._copy.ctypes.data, 0, span)
+            base = self._copy[:span].view(np.float32)
+        acts = np.lib.stride_tricks.as_strided(base, shape=ne[::-1], strides=(nb[3], nb[2], nb[1], 4), writeable=False)
+        n_mat = w.ne[2] * w.ne[3]
+        acc = self.sums.get(name)
+        if acc is None:
+            acc = self.sums[name] = np.zeros((n_mat, ne[0]), dtype=np.float64)
+        if n_mat == 1:
+            acc[0] += np.einsum("abij,abij->j", acts, acts, dtype=np.float64)
+        else:  # stacked matrices (experts): rows of slice (i2, i3) go to matrix (i3 % ne3) * ne2 + i2 % ne2
+            for i3 in range(ne[3]):
+                for i2 in range(ne[2]):
+                    rows = acts[i3, i2]
+                    acc[(i3 % w.ne[3]) * w.ne[2] + i2 % w.ne[2]] += np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
+        self.counts[name] = self.counts.get(name, 0) + ne[1] * ne[2] * ne[3] // n_mat
+
+
+@dataclass(frozen=True)
+class CalibrationText:
+    text: str
+    name: str  # recorded as the dataset: a file's name, or the packaged text's
+
+
+def compute_imatrix(model: Path, calibration: CalibrationText, threads: int, progress: Progress | None = None,
+                    n_ctx: int = N_CTX, n_batch: int = N_BATCH) -> Imatrix:  # fmt: skip
+    """The importance matrix of `model` (a GGUF llama.cpp can run) over the calibration text."""
+    progress = progress or NullProgress()
+    L = llama_cpp()
+    model_ptr = load_model(model, n_gpu_layers=0)  # collected on the CPU: the activations are read in place
+    ctx = batch = None
+    collector = _Collector()
+    try:
+        vocab = L.llama_model_get_vocab(model_ptr)
+        # As llama-imatrix tokenizes it: BOS added, special tokens' texts left as text.
+        tokens = tokenize(vocab, calibration.text.encode("utf-8"), add_special=True, parse_special=False)
+        if len(tokens) < 2 * n_ctx:
+            raise YiLocalError(
+                f"the calibration text {calibration.name} has {len(tokens)} tokens; an importance matrix needs "
+                f"at least {2 * n_ctx} (two windows of {n_ctx})",
+                hint="give a longer --calibration text, or leave --calibration out to use the packaged one",
+            )
+        n_chunks = len(tokens) // n_ctx
+        n_seq = max(1, n_batch // n_ctx)
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_seq_max, cp.kv_unified = n_ctx * n_seq, n_seq, False
+        cp.n_batch, cp.n_ubatch = n_ctx * n_seq, min(n_ctx, 512)
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.cb_eval = collector.callback
+        ctx = L.llama_init_from_model(model_ptr, cp)
+        if not ctx:
+            raise YiLocalError(f"llama.cpp could not create a context of {n_ctx * n_seq} tokens for the importance matrix")
+        batch = L.llama_batch_init(n_ctx * n_seq, 0, 1)
+        bos = L.llama_vocab_bos(vocab) if L.llama_vocab_get_add_bos(vocab) else None
+        mem = L.llama_get_memory(ctx)
+        task = progress.task("importance matrix", n_chunks * n_ctx)
+        try:
+            for first in range(0, n_chunks, n_seq):
+                L.llama_memory_clear(mem, True)
+                seqs = range(min(n_seq, n_chunks - first))
+                i = 0
+                for s in seqs:
+                    window = tokens[(first + s) * n_ctx : (first + s + 1) * n_ctx]
+                    if bos is not None:
+                        window[0] = bos
+                    for pos, tok in enumerate(window):
+                        # Every position's logits, as llama-imatrix asks: otherwise llama.cpp skips the
+                        # last layer's feed-forward for all but the outputs, and its entries go missing.
+                        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = (
+                            tok, pos, 1, s, True)  # fmt: skip
+                        i += 1
+                batch.n_tokens = i
+                if L.llama_decode(ctx, batch) != 0 and collector.error is None:
+                    raise YiLocalError("llama.cpp failed to evaluate the calibration text")
+                if collector.error is not None:
+                    raise collector.error
+                task.advance(i)
+        finally:
+            task.close()
+    finally:
+        if batch is not None:
+            L.llama_batch_free(batch)
+        if ctx:
+            L.llama_free(ctx)
+        L.llama_model_free(model_ptr)
+    if not collector.sums:
+        raise YiLocalError(f"no matrix multiplications of {model.name} were seen while computing the importance matrix")
+    entries = {
+        name: Entry(sums=acc.astype(np.float32), counts=np.full(acc.shape[0], collector.counts[name], dtype=np.int64))
+        for name, acc in collector.sums.items()
+    }
+    chunk_count = math.floor(max(collector.counts.values()) / n_ctx)
+    return Imatrix(entries=entries, datasets=[calibration.name], chunk_count=chunk_count, chunk_size=n_ctx)

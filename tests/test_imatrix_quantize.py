@@ -1,0 +1,152 @@
+"""Quantizing with an importance matrix: the IQ levels, provenance, reuse, and the errors on the way."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from converters.convert import convert, requantize
+from converters.imatrix import CalibrationText, compute_imatrix
+from converters.imatrix_file import write_imatrix
+from converters.importance import ImatrixRequest
+from tests.conftest import CORPUS, run_cli
+from yi_local.errors import YiLocalError
+from yi_local.quant_types import QUANT_TYPES
+
+
+@pytest.fixture(scope="module")
+def matrix_file(ggufs, tmp_path_factory):
+    """A small matrix of the tiny chat model (the corpus, in windows of 64)."""
+    m = compute_imatrix(ggufs["f16"], CalibrationText(CORPUS.read_text("utf-8") * 2, "corpus.txt"), threads=2,
+                        n_ctx=64, n_batch=128)  # fmt: skip
+    path = tmp_path_factory.mktemp("matrix") / "tiny.imatrix.gguf"
+    write_imatrix(path, m)
+    return path
+
+
+def _llama_quantize(src, dest, ftype: int) -> int:
+    """llama.cpp's quantizer with no importance matrix and none of yi-local's checks."""
+    from yi_local.llama_lib import llama_cpp
+
+    L = llama_cpp()
+    params = L.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, 2
+    return L.llama_model_quantize(os.fsencode(src), os.fsencode(dest), ctypes.byref(params))
+
+
+def test_the_levels_marked_as_needing_a_matrix_are_the_ones_llama_cpp_refuses_without(ggufs, tmp_path):
+    refused = {name for name, q in QUANT_TYPES.items() if _llama_quantize(ggufs["f16"], tmp_path / f"{name}.gguf", q.ftype) != 0}
+    assert refused == {name for name, q in QUANT_TYPES.items() if q.needs_imatrix}
+
+
+def test_iq_levels_quantize_with_a_matrix_load_and_generate(chat_dir, matrix_file, tmp_path):
+    from yi_local.runtime.llama_cpp_backend import LlamaCppBackend
+    from yi_local.runtime.params import LoadOptions, SamplingParams
+
+    levels = [name for name in QUANT_TYPES if name.startswith("IQ") or name == "Q2_K_S"]
+    result = convert(chat_dir, out=tmp_path, quants=levels, imatrix=ImatrixRequest(file=matrix_file))
+    for path, level in zip(result.files, levels):
+        reader = GGUFReader(path)
+        assert reader.get_field("general.file_type").contents() == QUANT_TYPES[level].ftype
+        assert reader.get_field("quantize.imatrix.file").contents() == matrix_file.name
+    backend = LlamaCppBackend(result.files[levels.index("IQ2_XS")], LoadOptions(n_ctx=256))
+    try:
+        events = list(backend.generate([1, 6, 100, 200], SamplingParams(max_tokens=8, temperature=0.0)))
+    finally:
+        backend.close()
+    from yi_local.runtime.events import Finish
+
+    assert events[-1].usage.completion_tokens == 8 and isinstance(events[-1], Finish)
+
+
+def test_the_matrix_changes_the_weights_and_is_recorded(ggufs, matrix_file, tmp_path):
+    plain = requantize(ggufs["f16"], tmp_path / "plain.gguf", ["Q2_K"]).files[0]
+    weighted = requantize(ggufs["f16"], tmp_path / "weighted.gguf", ["Q2_K"], imatrix=ImatrixRequest(file=matrix_file)).files[0]
+    a, b = GGUFReader(plain), GGUFReader(weighted)
+    assert a.get_field("quantize.imatrix.file") is None
+    fields = {k: b.get_field(k).contents() for k in ("quantize.imatrix.file", "quantize.imatrix.dataset",
+                                                    "quantize.imatrix.entries_count", "quantize.imatrix.chunks_count")}  # fmt: skip
+    assert fields == {"quantize.imatrix.file": "tiny.imatrix.gguf", "quantize.imatrix.dataset": "corpus.txt",
+                      "quantize.imatrix.entries_count": 14, "quantize.imatrix.chunks_count": fields["quantize.imatrix.chunks_count"]}  # fmt: skip
+    assert fields["quantize.imatrix.chunks_count"] > 10
+    ta = {t.name: np.array(t.data) for t in a.tensors}
+    changed = [t.name for t in b.tensors if t.name.startswith("blk.") and not np.array_equal(np.array(t.data), ta[t.name])]
+    assert "blk.0.ffn_down.weight" in changed and "blk.1.attn_q.weight" in changed
+    shown = run_cli("show", str(weighted))
+    assert shown.returncode == 0
+    assert "importance matrix  tiny.imatrix.gguf (computed on corpus.txt" in shown.stdout
+
+
+def test_convert_imatrix_end_to_end_saves_a_reusable_matrix(chat_dir, tmp_path):
+    """--imatrix on a folder: the packaged calibration text, the matrix saved beside the outputs, then reused."""
+    out = tmp_path / "out"
+    first = run_cli("convert", str(chat_dir), "--q", "IQ2_XS", "--imatrix", "--threads", "2", "-o", str(out))
+    assert first.returncode == 0, first.stderr
+    matrix = out / f"{chat_dir.name}.imatrix.gguf"
+    assert f"wrote {matrix} (importance matrix" in first.stdout and "yi-local/calibration.txt" in first.stdout
+    made = GGUFReader(out / f"{chat_dir.name}-IQ2_XS.gguf")
+    assert made.get_field("quantize.imatrix.dataset").contents() == "yi-local/calibration.txt"
+    again = run_cli("convert", str(chat_dir), "--q", "IQ2_XS", "--imatrix-file", str(matrix), "-o", str(tmp_path / "again.gguf"))
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again.gguf").read_bytes() == (out / f"{chat_dir.name}-IQ2_XS.gguf").read_bytes()
+
+
+def test_calibration_file_is_used_and_named(ggufs, tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text(CORPUS.read_text("utf-8") * 3)
+    r = run_cli("convert", str(ggufs["f16"]), "--q", "Q3_K_M", "--calibration", str(text), "-o", str(tmp_path / "o.gguf"))
+    assert r.returncode == 0, r.stderr
+    assert GGUFReader(tmp_path / "o.gguf").get_field("quantize.imatrix.dataset").contents() == "mine.txt"
+    assert (tmp_path / f"{ggufs['f16'].stem}.imatrix.gguf").is_file() or (tmp_path / "Yi-Tiny-chat.imatrix.gguf").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--q", "IQ2_XS"], "IQ2_XS needs an importance matrix"),
+        (["--q", "IQ1_M", "--q", "IQ3_XXS"], "IQ1_M, IQ3_XXS need an importance matrix"),
+        (["--q", "Q2_K", "--imatrix", "--imatrix-file", "x.gguf"], "give one of them"),
+        (["--imatrix"], "add --q TYPE"),
+        (["--q", "Q2_K", "--calibration", "missing.txt"], "cannot read the calibration text"),
+        (["--q", "Q2_K", "--imatrix-file", "missing.gguf"], "cannot read the importance matrix"),
+    ],
+)
+def test_bad_requests_are_refused_before_anything_is_written(chat_dir, tmp_path, extra, message):
+    r = run_cli("convert", str(chat_dir), *extra, "-o", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 1
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_a_short_or_binary_calibration_text_is_a_clear_error(ggufs, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    r = run_cli("convert", str(ggufs["f16"]), "--q", "Q2_K", "--calibration", str(short), "-o", str(tmp_path / "o.gguf"))
+    assert r.returncode == 1 and "needs at least 1024" in r.stderr and "--calibration" in r.stderr
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00" * 100)
+    r = run_cli("convert", str(ggufs["f16"]), "--q", "Q2_K", "--calibration", str(binary), "-o", str(tmp_path / "o.gguf"))
+    assert r.returncode == 1 and "is not UTF-8 text" in r.stderr
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_a_matrix_of_another_model_is_refused(chat_dir, tmp_path):
+    """A matrix whose rows do not match: llama.cpp would stop halfway; yi-local says so first."""
+    from converters.imatrix_file import Entry, Imatrix
+
+    other = Imatrix(entries={"blk.0.attn_q.weight": Entry(np.ones((1, 4096), np.float32), np.array([512]))},
+                    datasets=["x"], chunk_count=1, chunk_size=512)  # fmt: skip
+    path = tmp_path / "other.imatrix.gguf"
+    write_imatrix(path, other)
+    with pytest.raises(YiLocalError, match="is for another model: it has 4096 values for blk.0.attn_q.weight"):
+        convert(chat_dir, out=tmp_path, quants=["Q2_K"], imatrix=ImatrixRequest(file=path))
+    unrelated = Imatrix(entries={"foo": Entry(np.ones((1, 8), np.float32), np.array([1]))}, datasets=["x"],
+                        chunk_count=1, chunk_size=512)  # fmt: skip
+    write_imatrix(path, unrelated)
+    with pytest.raises(YiLocalError, match="has no entry for any tensor of this model"):
+        convert(chat_dir, out=tmp_path, quants=["Q2_K"], imatrix=ImatrixRequest(file=path))
+    assert not list(tmp_path.glob("*Q2_K*"))
