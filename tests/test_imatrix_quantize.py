@@ -11,7 +11,7 @@ from gguf import GGUFReader
 
 from converters.convert import convert, requantize
 from converters.imatrix import CalibrationText, compute_imatrix
-from converters.imatrix_file import write_imatrix
+from converters.imatrix_file import read_imatrix, write_imatrix
 from converters.importance import ImatrixRequest
 from tests.conftest import CORPUS, run_cli
 from yi_local.errors import YiLocalError
@@ -78,18 +78,22 @@ def test_the_matrix_changes_the_weights_and_is_recorded(ggufs, matrix_file, tmp_
     assert "blk.0.ffn_down.weight" in changed and "blk.1.attn_q.weight" in changed
     shown = run_cli("show", str(weighted))
     assert shown.returncode == 0
-    assert "importance matrix  tiny.imatrix.gguf (computed on corpus.txt" in shown.stdout
+    assert "imatrix        tiny.imatrix.gguf (computed on corpus.txt" in shown.stdout
+    assert "imatrix        none" in run_cli("show", str(plain)).stdout
 
 
 def test_convert_imatrix_end_to_end_saves_a_reusable_matrix(chat_dir, tmp_path):
-    """--imatrix on a folder: the packaged calibration text, the matrix saved beside the outputs, then reused."""
+    """--calibration on a folder (implies --imatrix): the matrix saved beside the outputs, then reused."""
     out = tmp_path / "out"
-    first = run_cli("convert", str(chat_dir), "--q", "IQ2_XS", "--imatrix", "--threads", "2", "-o", str(out))
+    text = tmp_path / "calib.txt"
+    text.write_text(CORPUS.read_text("utf-8") * 3)
+    first = run_cli("convert", str(chat_dir), "--q", "IQ2_XS", "--calibration", str(text), "--threads", "1", "-o", str(out))
     assert first.returncode == 0, first.stderr
     matrix = out / f"{chat_dir.name}.imatrix.gguf"
-    assert f"wrote {matrix} (importance matrix" in first.stdout and "yi-local/calibration.txt" in first.stdout
+    assert f"wrote {matrix} (importance matrix, " in first.stdout and " windows of calib.txt)" in first.stdout
+    assert read_imatrix(matrix).datasets == ["calib.txt"]
     made = GGUFReader(out / f"{chat_dir.name}-IQ2_XS.gguf")
-    assert made.get_field("quantize.imatrix.dataset").contents() == "yi-local/calibration.txt"
+    assert made.get_field("quantize.imatrix.dataset").contents() == "calib.txt"
     again = run_cli("convert", str(chat_dir), "--q", "IQ2_XS", "--imatrix-file", str(matrix), "-o", str(tmp_path / "again.gguf"))
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "again.gguf").read_bytes() == (out / f"{chat_dir.name}-IQ2_XS.gguf").read_bytes()
@@ -150,3 +154,27 @@ def test_a_matrix_of_another_model_is_refused(chat_dir, tmp_path):
     with pytest.raises(YiLocalError, match="has no entry for any tensor of this model"):
         convert(chat_dir, out=tmp_path, quants=["Q2_K"], imatrix=ImatrixRequest(file=path))
     assert not list(tmp_path.glob("*Q2_K*"))
+
+
+def test_pull_of_an_iq_level_computes_a_matrix_on_the_way(chat_dir):
+    """`pull NAME:IQ3_M`: a matrix on the packaged calibration text, recorded in the manifest and the file."""
+    from tests.hub_server import Hub, HubServer
+    from yi_local import store
+
+    hub = Hub()
+    hub.add_folder("01-ai/Yi-Tiny-Chat", chat_dir)
+    with HubServer(hub) as server:
+        env = {"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        proc = run_cli("pull", "01-ai/Yi-Tiny-Chat:iq3_m", env=env)
+    assert proc.returncode == 0, proc.stderr
+    [model] = store.list_models()
+    assert model.quant == "IQ3_M"
+    recorded = model.options["imatrix"]
+    assert recorded["dataset"] == "yi-local/calibration.txt" and recorded["entries"] == 14 and recorded["chunks"] > 10
+    assert len(recorded["sha256"]) == 64
+    reader = GGUFReader(model.path)
+    assert reader.get_field("quantize.imatrix.dataset").contents() == "yi-local/calibration.txt"
+    assert reader.get_field("quantize.imatrix.chunks_count").contents() == recorded["chunks"]
+    assert [p.name for p in model.path.parent.iterdir() if p.suffix == ".gguf"] == [model.path.name]  # no matrix left
+    shown = run_cli("show", "01-ai/Yi-Tiny-Chat:iq3_m")
+    assert "imatrix        " in shown.stdout and "computed on yi-local/calibration.txt" in shown.stdout

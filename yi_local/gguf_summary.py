@@ -13,7 +13,7 @@ def describe_gguf(path: Path) -> list[tuple[str, str]]:
     header = check_model(path)
     meta = model_meta(header)
     params = meta.n_params
-    matrix = [] if meta.file_type in UNQUANTIZED else [("importance matrix", imatrix_summary(header))]
+    matrix = [] if meta.file_type in UNQUANTIZED else [("imatrix", imatrix_summary(header))]
     return [
         ("name", meta.name),
         ("file", str(path)),
