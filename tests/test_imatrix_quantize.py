@@ -43,17 +43,19 @@ def test_the_levels_marked_as_needing_a_matrix_are_the_ones_llama_cpp_refuses_wi
     assert refused == {name for name, q in QUANT_TYPES.items() if q.needs_imatrix}
 
 
-def test_iq_levels_quantize_with_a_matrix_load_and_generate(chat_dir, matrix_file, tmp_path):
+def test_iq_levels_quantize_with_a_matrix_load_and_generate(ggufs, matrix_file, tmp_path):
     from yi_local.runtime.llama_cpp_backend import LlamaCppBackend
     from yi_local.runtime.params import LoadOptions, SamplingParams
 
-    levels = [name for name in QUANT_TYPES if name.startswith("IQ") or name == "Q2_K_S"]
-    result = convert(chat_dir, out=tmp_path, quants=levels, imatrix=ImatrixRequest(file=matrix_file))
+    # One of each family; IQ1_*, IQ2_XS, IQ2_S, IQ2_M and IQ3_XXS first build lookup grids that take llama.cpp
+    # 10-30 s (they are refused without a matrix in the test above, and IQ3_M is pulled below).
+    levels = ["IQ2_XXS", "Q2_K_S", "IQ3_XS", "IQ4_XS"]
+    result = requantize(ggufs["f16"], tmp_path, levels, threads=2, imatrix=ImatrixRequest(file=matrix_file))
     for path, level in zip(result.files, levels):
         reader = GGUFReader(path)
         assert reader.get_field("general.file_type").contents() == QUANT_TYPES[level].ftype
         assert reader.get_field("quantize.imatrix.file").contents() == matrix_file.name
-    backend = LlamaCppBackend(result.files[levels.index("IQ2_XS")], LoadOptions(n_ctx=256))
+    backend = LlamaCppBackend(result.files[levels.index("IQ2_XXS")], LoadOptions(n_ctx=256))
     try:
         events = list(backend.generate([1, 6, 100, 200], SamplingParams(max_tokens=8, temperature=0.0)))
     finally:

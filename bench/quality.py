@@ -1,0 +1,149 @@
+"""Importance matrix and `yi-local quality` next to llama.cpp's llama-imatrix and llama-perplexity.
+
+On the Yi-6B-shaped model (8 layers, synthetic weights) in the same run:
+  1. the importance matrix of the F16 model on the packaged calibration text: yi-local in-process vs
+     `llama-imatrix` (its defaults: windows of 512, four to a batch; once with its perplexity pass, once
+     `--no-ppl`, which is what yi-local computes), time and peak RSS, and how far the two matrices differ;
+     then `llama-quantize --imatrix` on yi-local's file (llama.cpp's own tool reads it);
+  2. `yi-local quality Q4_K_M --ref F16` vs `llama-perplexity --kl-divergence` (its base pass saving
+     the F16 logits, then the Q4_K_M pass) on the packaged held-out text, time, peak RSS and the figures;
+  3. the quality table of the tests' trained tiny model (tests/trained.py) at Q2_K, Q2_K + imatrix, IQ2_M,
+     Q3_K_M, Q4_K_M and Q8_0 against its F16.
+
+    PYTHONPATH=. .venv/bin/python bench/quality.py [--model yi6b|tiny] [--skip-table] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from common import OUT, llama_tool, machine, measure, table
+from models import yi6b_checkpoint
+
+from converters.imatrix_file import read_imatrix
+
+REPO = Path(__file__).resolve().parent.parent
+TEXTS = REPO / "yi_local" / "texts"
+PY = sys.executable
+
+
+def f16_of(folder: Path) -> Path:
+    path = OUT / f"{folder.name}-F16.gguf"
+    if not path.is_file():
+        subprocess.run([PY, "-m", "yi_local", "convert", str(folder), "--outtype", "f16", "-o", str(path)], check=True)
+    return path
+
+
+def quantized(f16: Path, quant: str, extra: list[str] = (), suffix: str = "") -> Path:
+    path = OUT / f"{f16.stem.removesuffix('-F16')}-{quant}{suffix}.gguf"
+    if not path.is_file():
+        subprocess.run([PY, "-m", "yi_local", "convert", str(f16), "--q", quant, *extra, "-o", str(path)], check=True)
+    return path
+
+
+def imatrix_race(f16: Path, tmp: Path, threads: int) -> dict:
+    ours_out, theirs_out = tmp / "ours.imatrix.gguf", tmp / "theirs.imatrix.gguf"
+    code = ("import sys; from pathlib import Path; from converters.imatrix import compute_imatrix; "
+            "from converters.importance import read_calibration; from converters.imatrix_file import write_imatrix; "
+            f"write_imatrix(Path({str(ours_out)!r}), compute_imatrix(Path({str(f16)!r}), read_calibration(None), {threads}))")  # fmt: skip
+    ours = measure([PY, "-c", code], env={"PYTHONPATH": str(REPO)})
+    exe = str(llama_tool("llama-imatrix"))
+    base = [exe, "-m", str(f16), "-f", str(TEXTS / "calibration.txt"), "-t", str(threads)]
+    theirs_noppl = measure([*base, "-o", str(theirs_out), "--no-ppl"])
+    theirs = measure([*base, "-o", str(tmp / "theirs-ppl.imatrix.gguf")])
+    a, b = read_imatrix(ours_out), read_imatrix(theirs_out)
+    na, nb = a.normalized(), b.normalized()
+    rel = max(float(np.abs(na[k] - nb[k]).max() / np.abs(nb[k]).max()) for k in nb)
+    # llama.cpp's own quantizer reads yi-local's file.
+    q = measure([str(llama_tool("llama-quantize")), "--imatrix", str(ours_out), str(f16), str(tmp / "iq.gguf"), "IQ2_XS",
+                 str(threads)])  # fmt: skip
+    return {
+        "yi_local_s": ours.seconds, "yi_local_rss_mb": ours.peak_rss_mb,
+        "llama_imatrix_s": theirs.seconds, "llama_imatrix_rss_mb": theirs.peak_rss_mb,
+        "llama_imatrix_noppl_s": theirs_noppl.seconds, "llama_imatrix_noppl_rss_mb": theirs_noppl.peak_rss_mb,
+        "ratio": ours.seconds / theirs.seconds, "ratio_noppl": ours.seconds / theirs_noppl.seconds,
+        "entries": [len(na), len(nb)], "chunks": [a.chunk_count, b.chunk_count], "max_rel_diff": rel,
+        "llama_quantize_read_it": "load_imatrix: loaded" in q.stdout and (tmp / "iq.gguf").is_file(),
+        "llama_quantize_says": next((line for line in q.stdout.splitlines() if "load_imatrix: loaded" in line), ""),
+    }  # fmt: skip
+
+
+def quality_race(f16: Path, q4: Path, tmp: Path, threads: int) -> dict:
+    text = str(TEXTS / "heldout.txt")
+    ours = measure([PY, "-m", "yi_local", "quality", str(q4), "--ref", str(f16), "--threads", str(threads), "--json"],
+                   env={"PYTHONPATH": str(REPO)})  # fmt: skip
+    exe = str(llama_tool("llama-perplexity"))
+    kld = tmp / "base.kld"
+    base = measure([exe, "-m", str(f16), "-f", text, "-t", str(threads), "--kl-divergence-base", str(kld)])
+    kl = measure([exe, "-m", str(q4), "-f", text, "-t", str(threads), "--kl-divergence-base", str(kld), "--kl-divergence"])
+    theirs_s = base.seconds + kl.seconds
+    report = json.loads(ours.stdout)
+    return {
+        "yi_local_s": ours.seconds, "yi_local_rss_mb": ours.peak_rss_mb,
+        "llama_perplexity_s": theirs_s, "llama_perplexity_rss_mb": max(base.peak_rss_mb, kl.peak_rss_mb),
+        "ratio": ours.seconds / theirs_s, "yi_local_report": report, "llama_perplexity_tail": kl.stdout[-1500:],
+    }  # fmt: skip
+
+
+def quality_table(tmp: Path, threads: int) -> str:
+    from tests.trained import trained_checkpoint
+
+    folder = trained_checkpoint(tmp / "trained")
+    f16 = f16_of(folder)
+    files = [quantized(f16, "Q2_K"), quantized(f16, "Q2_K", ["--imatrix"], "-imatrix"), quantized(f16, "IQ2_M", ["--imatrix"]),
+             quantized(f16, "Q3_K_M"), quantized(f16, "Q4_K_M"), quantized(f16, "Q8_0")]  # fmt: skip
+    out = subprocess.run([PY, "-m", "yi_local", "quality", *map(str, files), "--ref", str(f16), "--threads", str(threads)],
+                         check=True, capture_output=True, text=True)  # fmt: skip
+    return out.stdout
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("yi6b", "tiny"), default="yi6b")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-table", action="store_true", help="leave out the trained model's quality table")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    args = p.parse_args()
+    print(machine(), flush=True)
+    if args.model == "yi6b":
+        folder = yi6b_checkpoint(8)
+    else:
+        from tests.synthetic import build_checkpoint
+
+        folder = OUT / "Yi-Tiny-chat"
+        if not (folder / "model.safetensors.index.json").is_file():
+            build_checkpoint(folder, REPO / "tests" / "data" / "corpus.txt", variant="chat")
+    f16 = f16_of(folder)
+    q4 = quantized(f16, "Q4_K_M")
+    figures: dict = {"model": f16.name, "machine": machine()}
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+        im = figures["imatrix"] = imatrix_race(f16, Path(tmp), args.threads)
+        print(table([["importance matrix", "time s", "peak RSS MB", "yi-local ÷ it"],
+                     ["yi-local", f"{im['yi_local_s']:.1f}", f"{im['yi_local_rss_mb']:.0f}", ""],
+                     ["llama-imatrix", f"{im['llama_imatrix_s']:.1f}", f"{im['llama_imatrix_rss_mb']:.0f}", f"{im['ratio']:.2f}×"],
+                     ["llama-imatrix --no-ppl", f"{im['llama_imatrix_noppl_s']:.1f}", f"{im['llama_imatrix_noppl_rss_mb']:.0f}",
+                      f"{im['ratio_noppl']:.2f}×"]]), flush=True)  # fmt: skip
+        print(f"entries {im['entries']}, windows {im['chunks']}, max relative difference {im['max_rel_diff']:.2e}; "
+              f"llama-quantize --imatrix read yi-local's file: {im['llama_quantize_read_it']} ({im['llama_quantize_says']})", flush=True)  # fmt: skip
+        qa = figures["quality"] = quality_race(f16, q4, Path(tmp), args.threads)
+        print(table([["quality (KL mode)", "time s", "peak RSS MB", "yi-local ÷ it"],
+                     ["yi-local quality", f"{qa['yi_local_s']:.1f}", f"{qa['yi_local_rss_mb']:.0f}", ""],
+                     ["llama-perplexity (base + kld)", f"{qa['llama_perplexity_s']:.1f}", f"{qa['llama_perplexity_rss_mb']:.0f}",
+                      f"{qa['ratio']:.2f}×"]]), flush=True)  # fmt: skip
+        print("llama-perplexity:\n" + qa["llama_perplexity_tail"])
+        print("yi-local:", json.dumps(qa["yi_local_report"], indent=1)[:3000])
+        if not args.skip_table:
+            figures["table"] = quality_table(Path(tmp), args.threads)
+            print(figures["table"])
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
