@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache"
 OUT = REPO / "bench" / "out"
 CORPUS = REPO / "tests" / "data" / "corpus.txt"
-TOOLS = ("llama-quantize", "llama-bench", "llama-server")
+TOOLS = ("llama-quantize", "llama-bench", "llama-server", "llama-perplexity", "llama-imatrix")
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 

@@ -84,10 +84,18 @@ def quality_race(f16: Path, q4: Path, tmp: Path, threads: int) -> dict:
     kl = measure([exe, "-m", str(q4), "-f", text, "-t", str(threads), "--kl-divergence-base", str(kld), "--kl-divergence"])
     theirs_s = base.seconds + kl.seconds
     report = json.loads(ours.stdout)
+    keys = {"Mean PPL(Q)": "ppl", "Mean    KLD": "kld_mean", "99.0%   KLD": "kld_p99", "Same top p": "top1"}
+    figures = {}
+    for line in kl.stdout.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in keys:
+            figures[keys[name.strip()]] = float(value.split()[0])
+    row = next(r for r in report["rows"] if not r["reference"])
+    compared = {k: (row[k] * (100 if k == "top1" else 1), v) for k, v in figures.items()}  # (yi-local, llama.cpp)
     return {
         "yi_local_s": ours.seconds, "yi_local_rss_mb": ours.peak_rss_mb,
         "llama_perplexity_s": theirs_s, "llama_perplexity_rss_mb": max(base.peak_rss_mb, kl.peak_rss_mb),
-        "ratio": ours.seconds / theirs_s, "yi_local_report": report, "llama_perplexity_tail": kl.stdout[-1500:],
+        "ratio": ours.seconds / theirs_s, "yi_local_report": report, "compared": compared,
     }  # fmt: skip
 
 
@@ -136,8 +144,8 @@ def main() -> None:
                      ["yi-local quality", f"{qa['yi_local_s']:.1f}", f"{qa['yi_local_rss_mb']:.0f}", ""],
                      ["llama-perplexity (base + kld)", f"{qa['llama_perplexity_s']:.1f}", f"{qa['llama_perplexity_rss_mb']:.0f}",
                       f"{qa['ratio']:.2f}×"]]), flush=True)  # fmt: skip
-        print("llama-perplexity:\n" + qa["llama_perplexity_tail"])
-        print("yi-local:", json.dumps(qa["yi_local_report"], indent=1)[:3000])
+        print(table([["figure of Q4_K_M", "yi-local", "llama-perplexity"],
+                     *[[k, f"{a:.6f}", f"{b:.6f}"] for k, (a, b) in qa["compared"].items()]]), flush=True)  # fmt: skip
         if not args.skip_table:
             figures["table"] = quality_table(Path(tmp), args.threads)
             print(figures["table"])

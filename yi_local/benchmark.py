@@ -29,7 +29,7 @@ from yi_local import __version__, hardware
 from yi_local.errors import YiLocalError
 from yi_local.fit import kv_cache_bytes
 from yi_local.gguf_header import check_model, model_meta
-from yi_local.llama_lib import llama_cpp
+from yi_local.llama_lib import llama_cpp, load_model
 from yi_local.runtime import Finish, LoadOptions, SamplingParams, TextDelta, load_backend
 from yi_local.runtime.offload import plan_offload
 
@@ -175,12 +175,7 @@ class BareLoop:
 
     def __init__(self, path: str | Path, n_gpu_layers: int = 0, vocab_only: bool = False):
         L = self._L = llama_cpp()
-        mp = L.llama_model_default_params()
-        mp.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
-        mp.vocab_only = vocab_only
-        self._model = L.llama_model_load_from_file(str(path).encode(), mp)
-        if not self._model:
-            raise YiLocalError(f"llama.cpp could not load {path}", hint="the file may be damaged; convert it again")
+        self._model = load_model(path, n_gpu_layers, vocab_only)
         self.vocab = L.llama_model_get_vocab(self._model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.generated: list[list[int]] = []  # the last run's tokens, per sequence

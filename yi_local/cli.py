@@ -24,6 +24,7 @@ COMMANDS = {
     "rm": ("rm", "remove a model from the store"),
     "doctor": ("doctor", "what this machine has, and which Yi models fit it"),
     "bench": ("bench", "prompt and generation tokens/s of yi-local next to a bare llama-cpp-python loop"),
+    "quality": ("quality", "perplexity and KL divergence of quantized GGUFs against a reference"),
 }
 
 

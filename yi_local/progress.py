@@ -7,6 +7,7 @@ import sys
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeRemainingColumn,
@@ -32,15 +33,17 @@ class _RichTask:
 class TerminalProgress:
     """Bars on stderr, one per task; silent when stderr is not a terminal unless forced."""
 
-    def __init__(self, enabled: bool | None = None) -> None:
+    def __init__(self, enabled: bool | None = None, unit: str = "bytes") -> None:
+        """`unit`: what the tasks count; bytes get sizes and a transfer speed, others "12/345 tokens"."""
         from rich.console import Console
 
         console = Console(stderr=True)
+        amount = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(),
+                                                                                    TextColumn(unit))  # fmt: skip
         self._bars = Progress(
             TextColumn("{task.description:<20}"),
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            *amount,
             TimeRemainingColumn(),
             console=console,
             disable=not (enabled if enabled is not None else sys.stderr.isatty()),

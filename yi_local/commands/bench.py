@@ -117,7 +117,8 @@ def _count(n: int) -> str:
 
 
 def _table(levels) -> str:
-    """Markdown, as llama-bench prints: it reads as is in a terminal and renders in an issue."""
+    from yi_local.commands.tables import markdown_table
+
     head = ["parallel", "prompt tok/s yi-local", "bare", "ratio", "gen tok/s yi-local", "bare", "ratio",
             "gen tok/s per seq yi-local", "bare"]  # fmt: skip
     rows = [
@@ -126,9 +127,4 @@ def _table(levels) -> str:
          f"{lv.yi_local.generate_tps_per_sequence:.1f}", f"{lv.bare.generate_tps_per_sequence:.1f}"]
         for lv in levels
     ]  # fmt: skip
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
-
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|", *map(line, rows)])
+    return markdown_table(head, rows)

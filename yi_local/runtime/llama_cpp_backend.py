@@ -25,7 +25,7 @@ from yi_local import hardware
 from yi_local.errors import YiLocalError
 from yi_local.fit import kv_cache_bytes
 from yi_local.gguf_header import check_model, model_meta
-from yi_local.llama_lib import llama_cpp
+from yi_local.llama_lib import llama_cpp, tokenize
 from yi_local.runtime.backend import Backend, Chunk, GrammarDeadEndError, ModelInfo, utf8
 from yi_local.runtime.offload import plan_offload
 from yi_local.runtime.params import LoadOptions, SamplingParams
@@ -140,14 +140,7 @@ class LlamaCppBackend(Backend):
         return self._add_bos
 
     def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
-        data = utf8(text)
-        n_max = len(data) + 8
-        buf = (self._L.llama_token * n_max)()
-        n = self._L.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
-        if n < 0:
-            buf = (self._L.llama_token * -n)()
-            n = self._L.llama_tokenize(self._vocab, data, len(data), buf, -n, add_bos, special)
-        return list(buf[:n])
+        return tokenize(self._vocab, utf8(text), add_bos, special)
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)
