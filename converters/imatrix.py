@@ -197,7 +197,7 @@ def compute_imatrix(model: Path, calibration: CalibrationText, threads: int, pro
         batch = L.llama_batch_init(n_ctx * n_seq, 0, 1)
         bos = L.llama_vocab_bos(vocab) if L.llama_vocab_get_add_bos(vocab) else None
         mem = L.llama_get_memory(ctx)
-        task = progress.task("importance matrix", n_chunks * n_ctx)
+        task = progress.task("importance matrix", n_chunks * n_ctx, unit="tokens")
         try:
             for first in range(0, n_chunks, n_seq):
                 L.llama_memory_clear(mem, True)

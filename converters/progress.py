@@ -14,7 +14,9 @@ class Task(Protocol):
 
 
 class Progress(Protocol):
-    def task(self, label: str, total: int) -> Task: ...
+    def task(self, label: str, total: int, unit: str | None = None) -> Task:
+        """A bar of `total` `unit`s (None: bytes)."""
+        ...
 
 
 class _NullTask:
@@ -29,5 +31,5 @@ class _NullTask:
 
 
 class NullProgress:
-    def task(self, label: str, total: int) -> Task:
+    def task(self, label: str, total: int, unit: str | None = None) -> Task:
         return _NullTask()

@@ -7,12 +7,27 @@ import sys
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
+
+
+class _Amount(ProgressColumn):
+    """Sizes and a transfer speed for a task counting bytes; "12/345 tokens" for one counting anything else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._size, self._speed = DownloadColumn(), TransferSpeedColumn()
+
+    def render(self, task) -> Text:
+        unit = task.fields.get("unit", "bytes")
+        if unit == "bytes":
+            return Text.assemble(self._size.render(task), " ", self._speed.render(task))
+        return Text(f"{int(task.completed):,}/{int(task.total or 0):,} {unit}", style="progress.download")
 
 
 class _RichTask:
@@ -34,16 +49,15 @@ class TerminalProgress:
     """Bars on stderr, one per task; silent when stderr is not a terminal unless forced."""
 
     def __init__(self, enabled: bool | None = None, unit: str = "bytes") -> None:
-        """`unit`: what the tasks count; bytes get sizes and a transfer speed, others "12/345 tokens"."""
+        """`unit`: what tasks count unless they say (bytes get sizes and a transfer speed, others "12/345 tokens")."""
         from rich.console import Console
 
         console = Console(stderr=True)
-        amount = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(),
-                                                                                    TextColumn(unit))  # fmt: skip
+        self._unit = unit
         self._bars = Progress(
             TextColumn("{task.description:<20}"),
             BarColumn(),
-            *amount,
+            _Amount(),
             TimeRemainingColumn(),
             console=console,
             disable=not (enabled if enabled is not None else sys.stderr.isatty()),
@@ -56,5 +70,5 @@ class TerminalProgress:
     def __exit__(self, *exc: object) -> None:
         self._bars.stop()
 
-    def task(self, label: str, total: int) -> _RichTask:
-        return _RichTask(self._bars, self._bars.add_task(label, total=total))
+    def task(self, label: str, total: int, unit: str | None = None) -> _RichTask:
+        return _RichTask(self._bars, self._bars.add_task(label, total=total, unit=unit or self._unit))
