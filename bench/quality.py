@@ -33,15 +33,15 @@ TEXTS = REPO / "yi_local" / "texts"
 PY = sys.executable
 
 
-def f16_of(folder: Path) -> Path:
-    path = OUT / f"{folder.name}-F16.gguf"
+def f16_of(folder: Path, where: Path = OUT) -> Path:
+    path = where / f"{folder.name}-F16.gguf"
     if not path.is_file():
         subprocess.run([PY, "-m", "yi_local", "convert", str(folder), "--outtype", "f16", "-o", str(path)], check=True)
     return path
 
 
 def quantized(f16: Path, quant: str, extra: list[str] = (), suffix: str = "") -> Path:
-    path = OUT / f"{f16.stem.removesuffix('-F16')}-{quant}{suffix}.gguf"
+    path = f16.parent / f"{f16.stem.removesuffix('-F16')}-{quant}{suffix}.gguf"
     if not path.is_file():
         subprocess.run([PY, "-m", "yi_local", "convert", str(f16), "--q", quant, *extra, "-o", str(path)], check=True)
     return path
@@ -100,11 +100,16 @@ def quality_race(f16: Path, q4: Path, tmp: Path, threads: int) -> dict:
 
 
 def quality_table(tmp: Path, threads: int) -> str:
-    from tests.trained import trained_checkpoint
+    """The tests' trained tiny model, with the outlier channels real LLMs have (tests/trained.py)."""
+    import shutil
 
-    folder = trained_checkpoint(tmp / "trained")
-    f16 = f16_of(folder)
-    files = [quantized(f16, "Q2_K"), quantized(f16, "Q2_K", ["--imatrix"], "-imatrix"), quantized(f16, "IQ2_M", ["--imatrix"]),
+    from tests.trained import add_outlier_channels, trained_checkpoint
+
+    folder = tmp / "Yi-Tiny-Trained"
+    shutil.copytree(trained_checkpoint(), folder)
+    add_outlier_channels(folder)
+    f16 = f16_of(folder, tmp)
+    files = [quantized(f16, "Q2_K"), quantized(f16, "Q2_K", ["--imatrix"], "-imatrix"), quantized(f16, "IQ2_M", ["--imatrix-file", str(tmp / "Yi-Tiny-Trained.imatrix.gguf")]),
              quantized(f16, "Q3_K_M"), quantized(f16, "Q4_K_M"), quantized(f16, "Q8_0")]  # fmt: skip
     out = subprocess.run([PY, "-m", "yi_local", "quality", *map(str, files), "--ref", str(f16), "--threads", str(threads)],
                          check=True, capture_output=True, text=True)  # fmt: skip

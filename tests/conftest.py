@@ -64,6 +64,20 @@ def medium_gguf(medium_dir, tmp_path_factory) -> Path:
     return convert(medium_dir, out=tmp_path_factory.mktemp("gguf-medium"), quants=["Q8_0"]).files[0]
 
 
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory) -> Path:
+    """A tiny Yi-shaped chat model TRAINED on yi_local/texts/calibration.txt: real activation outliers.
+
+    Built once per machine (about a minute) and cached outside the test's temp dirs; see tests/trained.py.
+    """
+    pytest.importorskip("torch", reason="the trained model is trained with torch")
+    import shutil
+
+    from tests.trained import trained_checkpoint
+
+    return Path(shutil.copytree(trained_checkpoint(), tmp_path_factory.mktemp("trained") / "Yi-Tiny-Trained"))
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """Run the real `yi-local` command in a subprocess and capture its output."""
     return subprocess.run(

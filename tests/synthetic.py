@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -52,8 +52,13 @@ TINY = Dims(hidden=256, ffn=512, layers=2, heads=4, kv_heads=2, vocab=1024)
 YI_6B = Dims(hidden=4096, ffn=11008, layers=32, heads=32, kv_heads=4, vocab=64000)
 
 
-def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int = 900, add_dummy_prefix: bool = False) -> Path:
-    """Train a SentencePiece BPE like Yi's: identity normalization, byte fallback, split digits."""
+def train_tokenizer(
+    corpus: Path, out_dir: Path, vocab_size: int = 900, add_dummy_prefix: bool = False, character_coverage: float = 1.0
+) -> Path:
+    """Train a SentencePiece BPE like Yi's: identity normalization, byte fallback, split digits.
+
+    Characters outside `character_coverage` (the rarest) get no piece: they are spelled in bytes, as in Yi.
+    """
     import sentencepiece as spm
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +69,7 @@ def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int = 900, add_dumm
         model_type="bpe",
         vocab_size=vocab_size,
         hard_vocab_limit=False,
-        character_coverage=1.0,
+        character_coverage=character_coverage,
         byte_fallback=True,
         split_digits=True,
         allow_whitespace_only_pieces=True,
@@ -197,6 +202,44 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "
             f.write(np.ascontiguousarray(arr).tobytes())
 
 
+def fit_vocab(dims: Dims, tokenizer: Path) -> Dims:
+    """`dims` with a config vocab at least the tokenizer's piece count (rounded up to a multiple of 128)."""
+    import sentencepiece as spm
+
+    n_pieces = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
+    return replace(dims, vocab=-(-n_pieces // 128) * 128) if dims.vocab < n_pieces else dims
+
+
+def write_model_files(out_dir: Path, dims: Dims, variant: str) -> None:
+    """config.json, tokenizer_config.json (with the chat template for "chat") and generation_config.json."""
+    (out_dir / "config.json").write_text(json.dumps(_config(dims, variant), indent=2))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(variant), indent=2, ensure_ascii=False))
+    generation = {"bos_token_id": 1, "eos_token_id": 7 if variant == "chat" else 2, "pad_token_id": 0}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def write_shards(
+    out_dir: Path,
+    shapes: list[tuple[str, tuple[int, ...]]],
+    make: Callable[[str, tuple[int, ...]], np.ndarray],
+    shards: int = 2,
+) -> None:
+    """bf16 safetensors shards (tensors made one shard at a time by `make(name, shape)`) and their index."""
+    per_shard = -(-len(shapes) // shards)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for s in range(shards):
+        part = shapes[s * per_shard : (s + 1) * per_shard]
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else "model.safetensors"
+        tensors = {n: make(n, shape) for n, shape in part}
+        write_safetensors(out_dir / name, tensors)
+        weight_map.update({n: name for n in tensors})
+        total += sum(a.nbytes for a in tensors.values())
+    if shards > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def build_checkpoint(
     out_dir: Path,
     corpus: Path,
@@ -212,32 +255,14 @@ def build_checkpoint(
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = train_tokenizer(corpus, out_dir, tokenizer_vocab, add_dummy_prefix)
-    import sentencepiece as spm
-
-    n_pieces = spm.SentencePieceProcessor(model_file=str(model)).vocab_size()
-    if dims.vocab < n_pieces:
-        dims = replace(dims, vocab=-(-n_pieces // 128) * 128)
-    (out_dir / "config.json").write_text(json.dumps(_config(dims, variant), indent=2))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(variant), indent=2, ensure_ascii=False))
-    generation = {"bos_token_id": 1, "eos_token_id": 7 if variant == "chat" else 2, "pad_token_id": 0}
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
-
+    dims = fit_vocab(dims, train_tokenizer(corpus, out_dir, tokenizer_vocab, add_dummy_prefix))
+    write_model_files(out_dir, dims, variant)
     rng = np.random.default_rng(seed)
-    shapes = list(tensor_shapes(dims, variant))
-    per_shard = -(-len(shapes) // shards)
-    weight_map: dict[str, str] = {}
-    total = 0
-    for s in range(shards):
-        part = shapes[s * per_shard : (s + 1) * per_shard]
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else "model.safetensors"
-        tensors = {n: random_tensor(rng, n, shape, fast_weights) for n, shape in part}
-        write_safetensors(out_dir / name, tensors)
-        weight_map.update({n: name for n in tensors})
-        total += sum(a.nbytes for a in tensors.values())
-    if shards > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    def make(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return random_tensor(rng, name, shape, fast_weights)
+
+    write_shards(out_dir, list(tensor_shapes(dims, variant)), make, shards)
     return out_dir
 
 
