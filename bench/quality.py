@@ -10,7 +10,8 @@ On the Yi-6B-shaped model (8 layers, synthetic weights) in the same run:
   3. the quality table of the tests' trained tiny model (tests/trained.py) at Q2_K, Q2_K + imatrix, IQ2_M,
      Q3_K_M, Q4_K_M and Q8_0 against its F16.
 
-    PYTHONPATH=. .venv/bin/python bench/quality.py [--model yi6b|tiny] [--skip-table] [--json PATH]
+    PYTHONPATH=. .venv/bin/python bench/quality.py [--model yi6b|tiny] [--chunks N] [--quality-chunks N]
+                                                    [--skip-table] [--json PATH]
 """
 
 from __future__ import annotations
@@ -47,14 +48,15 @@ def quantized(f16: Path, quant: str, extra: list[str] = (), suffix: str = "") ->
     return path
 
 
-def imatrix_race(f16: Path, tmp: Path, threads: int) -> dict:
+def imatrix_race(f16: Path, tmp: Path, threads: int, chunks: int | None) -> dict:
     ours_out, theirs_out = tmp / "ours.imatrix.gguf", tmp / "theirs.imatrix.gguf"
     code = ("import sys; from pathlib import Path; from converters.imatrix import compute_imatrix; "
             "from converters.importance import read_calibration; from converters.imatrix_file import write_imatrix; "
-            f"write_imatrix(Path({str(ours_out)!r}), compute_imatrix(Path({str(f16)!r}), read_calibration(None), {threads}))")  # fmt: skip
+            f"write_imatrix(Path({str(ours_out)!r}), compute_imatrix(Path({str(f16)!r}), read_calibration(None), {threads}, "
+            f"max_chunks={chunks}))")  # fmt: skip
     ours = measure([PY, "-c", code], env={"PYTHONPATH": str(REPO)})
     exe = str(llama_tool("llama-imatrix"))
-    base = [exe, "-m", str(f16), "-f", str(TEXTS / "calibration.txt"), "-t", str(threads)]
+    base = [exe, "-m", str(f16), "-f", str(TEXTS / "calibration.txt"), "-t", str(threads), *_chunks(chunks)]
     theirs_noppl = measure([*base, "-o", str(theirs_out), "--no-ppl"])
     theirs = measure([*base, "-o", str(tmp / "theirs-ppl.imatrix.gguf")])
     a, b = read_imatrix(ours_out), read_imatrix(theirs_out)
@@ -74,14 +76,19 @@ def imatrix_race(f16: Path, tmp: Path, threads: int) -> dict:
     }  # fmt: skip
 
 
-def quality_race(f16: Path, q4: Path, tmp: Path, threads: int) -> dict:
+def _chunks(chunks: int | None) -> list[str]:
+    return [] if chunks is None else ["--chunks", str(chunks)]
+
+
+def quality_race(f16: Path, q4: Path, tmp: Path, threads: int, chunks: int | None) -> dict:
     text = str(TEXTS / "heldout.txt")
-    ours = measure([PY, "-m", "yi_local", "quality", str(q4), "--ref", str(f16), "--threads", str(threads), "--json"],
-                   env={"PYTHONPATH": str(REPO)})  # fmt: skip
+    ours = measure([PY, "-m", "yi_local", "quality", str(q4), "--ref", str(f16), "--threads", str(threads), "--json",
+                    *_chunks(chunks)], env={"PYTHONPATH": str(REPO)})  # fmt: skip
     exe = str(llama_tool("llama-perplexity"))
     kld = tmp / "base.kld"
-    base = measure([exe, "-m", str(f16), "-f", text, "-t", str(threads), "--kl-divergence-base", str(kld)])
-    kl = measure([exe, "-m", str(q4), "-f", text, "-t", str(threads), "--kl-divergence-base", str(kld), "--kl-divergence"])
+    common = ["-f", text, "-t", str(threads), "--kl-divergence-base", str(kld), *_chunks(chunks)]
+    base = measure([exe, "-m", str(f16), *common])
+    kl = measure([exe, "-m", str(q4), *common, "--kl-divergence"])
     theirs_s = base.seconds + kl.seconds
     report = json.loads(ours.stdout)
     keys = {"Mean PPL(Q)": "ppl", "Mean    KLD": "kld_mean", "99.0%   KLD": "kld_p99", "Same top p": "top1"}
@@ -121,6 +128,9 @@ def main() -> None:
     p.add_argument("--model", choices=("yi6b", "tiny"), default="yi6b")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-table", action="store_true", help="leave out the trained model's quality table")
+    p.add_argument("--chunks", type=int, help="only the first N windows of the calibration text, for both tools "
+                   "(the whole text: ~14 min a run for the F16 model on 2 cores)")
+    p.add_argument("--quality-chunks", type=int, help="only the first N windows of the held-out text, for both tools")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     print(machine(), flush=True)
@@ -136,7 +146,8 @@ def main() -> None:
     q4 = quantized(f16, "Q4_K_M")
     figures: dict = {"model": f16.name, "machine": machine()}
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
-        im = figures["imatrix"] = imatrix_race(f16, Path(tmp), args.threads)
+        figures["chunks"], figures["quality_chunks"] = args.chunks, args.quality_chunks
+        im = figures["imatrix"] = imatrix_race(f16, Path(tmp), args.threads, args.chunks)
         print(table([["importance matrix", "time s", "peak RSS MB", "yi-local ÷ it"],
                      ["yi-local", f"{im['yi_local_s']:.1f}", f"{im['yi_local_rss_mb']:.0f}", ""],
                      ["llama-imatrix", f"{im['llama_imatrix_s']:.1f}", f"{im['llama_imatrix_rss_mb']:.0f}", f"{im['ratio']:.2f}×"],
@@ -144,7 +155,7 @@ def main() -> None:
                       f"{im['ratio_noppl']:.2f}×"]]), flush=True)  # fmt: skip
         print(f"entries {im['entries']}, windows {im['chunks']}, max relative difference {im['max_rel_diff']:.2e}; "
               f"llama-quantize --imatrix read yi-local's file: {im['llama_quantize_read_it']} ({im['llama_quantize_says']})", flush=True)  # fmt: skip
-        qa = figures["quality"] = quality_race(f16, q4, Path(tmp), args.threads)
+        qa = figures["quality"] = quality_race(f16, q4, Path(tmp), args.threads, args.quality_chunks)
         print(table([["quality (KL mode)", "time s", "peak RSS MB", "yi-local ÷ it"],
                      ["yi-local quality", f"{qa['yi_local_s']:.1f}", f"{qa['yi_local_rss_mb']:.0f}", ""],
                      ["llama-perplexity (base + kld)", f"{qa['llama_perplexity_s']:.1f}", f"{qa['llama_perplexity_rss_mb']:.0f}",

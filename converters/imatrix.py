@@ -167,8 +167,9 @@ class CalibrationText:
 
 
 def compute_imatrix(model: Path, calibration: CalibrationText, threads: int, progress: Progress | None = None,
-                    n_ctx: int = N_CTX, n_batch: int = N_BATCH) -> Imatrix:  # fmt: skip
-    """The importance matrix of `model` (a GGUF llama.cpp can run) over the calibration text."""
+                    n_ctx: int = N_CTX, n_batch: int = N_BATCH, max_chunks: int | None = None) -> Imatrix:  # fmt: skip
+    """The importance matrix of `model` (a GGUF llama.cpp can run) over the calibration text (its first
+    `max_chunks` windows, as llama-imatrix's --chunks)."""
     progress = progress or NullProgress()
     L = llama_cpp()
     model_ptr = load_model(model, n_gpu_layers=0)  # collected on the CPU: the activations are read in place
@@ -184,7 +185,7 @@ def compute_imatrix(model: Path, calibration: CalibrationText, threads: int, pro
                 f"at least {2 * n_ctx} (two windows of {n_ctx})",
                 hint="give a longer --calibration text, or leave --calibration out to use the packaged one",
             )
-        n_chunks = len(tokens) // n_ctx
+        n_chunks = len(tokens) // n_ctx if max_chunks is None else min(len(tokens) // n_ctx, max_chunks)
         n_seq = max(1, n_batch // n_ctx)
         cp = L.llama_context_default_params()
         cp.n_ctx, cp.n_seq_max, cp.kv_unified = n_ctx * n_seq, n_seq, False
