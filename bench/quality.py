@@ -63,7 +63,8 @@ def imatrix_race(f16: Path, tmp: Path, threads: int, chunks: int | None) -> dict
     na, nb = a.normalized(), b.normalized()
     rel = max(float(np.abs(na[k] - nb[k]).max() / np.abs(nb[k]).max()) for k in nb)
     # llama.cpp's own quantizer reads yi-local's file.
-    q = measure([str(llama_tool("llama-quantize")), "--imatrix", str(ours_out), str(f16), str(tmp / "iq.gguf"), "IQ2_XS",
+    # (Q2_K: quick; IQ2_XS would take many minutes on 2 cores and say no more.)
+    q = measure([str(llama_tool("llama-quantize")), "--imatrix", str(ours_out), str(f16), str(tmp / "iq.gguf"), "Q2_K",
                  str(threads)])  # fmt: skip
     return {
         "yi_local_s": ours.seconds, "yi_local_rss_mb": ours.peak_rss_mb,

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -159,7 +163,8 @@ def test_a_matrix_of_another_model_is_refused(chat_dir, tmp_path):
 
 
 def test_pull_of_an_iq_level_computes_a_matrix_on_the_way(chat_dir):
-    """`pull NAME:IQ3_M`: a matrix on the packaged calibration text, recorded in the manifest and the file."""
+    """`pull NAME:IQ3_M`: a matrix on the packaged calibration text, recorded in the manifest and the file;
+    `pull NAME:Q2_K --imatrix` makes one at a level that has none by default, plain `pull NAME:Q3_K_M` none."""
     from tests.hub_server import Hub, HubServer
     from yi_local import store
 
@@ -168,8 +173,16 @@ def test_pull_of_an_iq_level_computes_a_matrix_on_the_way(chat_dir):
     with HubServer(hub) as server:
         env = {"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         proc = run_cli("pull", "01-ai/Yi-Tiny-Chat:iq3_m", env=env)
+        asked = run_cli("pull", "01-ai/Yi-Tiny-Chat:q2_k", "--imatrix", "--threads", "1", env=env)
+        plain = run_cli("pull", "01-ai/Yi-Tiny-Chat:q3_k_m", env=env)
     assert proc.returncode == 0, proc.stderr
-    [model] = store.list_models()
+    assert asked.returncode == 0 and plain.returncode == 0, asked.stderr + plain.stderr
+    models = {m.quant: m for m in store.list_models()}
+    assert models["Q2_K"].options["imatrix"]["dataset"] == "yi-local/calibration.txt"
+    assert GGUFReader(models["Q2_K"].path).get_field("quantize.imatrix.file") is not None
+    assert "imatrix" not in models["Q3_K_M"].options
+    assert GGUFReader(models["Q3_K_M"].path).get_field("quantize.imatrix.file") is None
+    model = models["IQ3_M"]
     assert model.quant == "IQ3_M"
     recorded = model.options["imatrix"]
     assert recorded["dataset"] == "yi-local/calibration.txt" and recorded["entries"] == 14 and recorded["chunks"] > 10
@@ -177,6 +190,26 @@ def test_pull_of_an_iq_level_computes_a_matrix_on_the_way(chat_dir):
     reader = GGUFReader(model.path)
     assert reader.get_field("quantize.imatrix.dataset").contents() == "yi-local/calibration.txt"
     assert reader.get_field("quantize.imatrix.chunks_count").contents() == recorded["chunks"]
-    assert [p.name for p in model.path.parent.iterdir() if p.suffix == ".gguf"] == [model.path.name]  # no matrix left
+    # The store keeps the models only: no matrix file is left beside them.
+    assert sorted(p.name for p in model.path.parent.iterdir() if p.suffix == ".gguf") == sorted(m.path.name for m in models.values())
     shown = run_cli("show", "01-ai/Yi-Tiny-Chat:iq3_m")
     assert "imatrix        " in shown.stdout and "computed on yi-local/calibration.txt" in shown.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_matrix_stops_it_at_once_and_leaves_nothing(ggufs, tmp_path, sig):
+    """llama.cpp computes in one long call: the signal still ends the command within the graph it is in."""
+    text = tmp_path / "long.txt"
+    text.write_text(CORPUS.read_text("utf-8") * 400)  # minutes of windows
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "yi_local", "convert", str(ggufs["f16"]), "--q", "Q2_K",
+                             "--calibration", str(text), "--threads", "1", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(3)  # well into the matrix (the model loads in a fraction of that)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 5
+    assert proc.returncode == 128 + sig and "Traceback" not in err
+    assert list(out.iterdir()) == []
