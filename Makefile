@@ -46,6 +46,7 @@ bench: install
 	$(PY) bench/chat_ttft.py
 	$(PY) bench/chat_speed.py
 	$(PY) bench/server.py
+	$(PY) bench/quality.py --chunks 16 --quality-chunks 8
 
 lint: install
 	$(PY) -m pip install -q ruff
