@@ -20,11 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from bench.common import CORPUS
 from converters.checkpoint import load_tensor_sources
 from converters.convert import _metadata_writer
+from converters.gguf_file import write_header
 from converters.hf_config import read_model_params
 from converters.tensors import plan_tensors
 from converters.vocab import read_vocab
@@ -45,14 +44,7 @@ def header_only_gguf(folder: Path, dest: Path) -> int:
     f16 = OUT_TYPES["F16"]
     plans = plan_tensors(load_tensor_sources(folder), params, f16.tensor_type)
     writer = _metadata_writer(folder.name, params, read_vocab(folder, params.vocab_size), f16)
-    for p in plans:
-        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.out_type)
-    writer.open_output_file(dest)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    fout = writer.fout[0]
-    writer.write_padding(fout, fout.tell())
+    fout = write_header(dest, writer, plans)
     end = fout.tell() + sum(p.nbytes + (-p.nbytes % writer.data_alignment) for p in plans)
     writer.close()
     os.truncate(dest, end)

@@ -37,6 +37,17 @@ def write_gguf(
     `direct_io=False` for a file that is read again right away (the quantization intermediate):
     then the page cache holding it is worth its cost.
     """
+    fout = write_header(path, writer, plans)
+    sink = open_sink(fout, path, direct=direct_io)
+    try:
+        _stream_tensors(sink, plans, threads, on_progress, writer.data_alignment)
+    finally:
+        sink.close()
+        writer.close()
+
+
+def write_header(path: Path, writer: GGUFWriter, plans: list[TensorPlan]):
+    """Open `path` and write the header, metadata and tensor infos of `plans`; the open file, at the data."""
     for p in plans:
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.out_type)
     writer.open_output_file(path)
@@ -46,12 +57,7 @@ def write_gguf(
     assert writer.fout is not None
     fout = writer.fout[0]
     writer.write_padding(fout, fout.tell())
-    sink = open_sink(fout, path, direct=direct_io)
-    try:
-        _stream_tensors(sink, plans, threads, on_progress, writer.data_alignment)
-    finally:
-        sink.close()
-        writer.close()
+    return fout
 
 
 def _stream_tensors(sink: Sink, plans: list[TensorPlan], threads: int, on_progress: ProgressFn | None, align: int) -> None:
