@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,11 @@ import pytest
 
 from converters.convert import convert
 from tests.synthetic import Dims, build_checkpoint
+
+# A run started in the background (`make test &`, nohup) inherits SIGINT ignored, and so would every
+# yi-local the tests start: the Ctrl+C tests need it delivered.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "corpus.txt"
