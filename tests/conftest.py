@@ -13,10 +13,12 @@ import pytest
 from converters.convert import convert
 from tests.synthetic import Dims, build_checkpoint
 
-# A run started in the background (`make test &`, nohup) inherits SIGINT ignored, and so would every
-# yi-local the tests start: the Ctrl+C tests need it delivered.
+# A run started in the background (`make test &`) inherits SIGINT ignored, under nohup SIGHUP too, and
+# so would every yi-local the tests start: the signal tests need them delivered.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "corpus.txt"
