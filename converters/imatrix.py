@@ -20,7 +20,9 @@ import numpy as np
 from converters.imatrix_file import Entry, Imatrix
 from converters.progress import NullProgress, Progress
 from yi_local.errors import YiLocalError
-from yi_local.llama_lib import llama_cpp, load_model, tokenize
+from yi_local.gguf_header import check_model, model_meta
+from yi_local.llama_lib import llama_cpp
+from yi_local.logits_pass import LogitsPass, Windows, text_tokens
 
 N_CTX = 512  # llama-imatrix's default window
 N_BATCH = 2048  # tokens per llama_decode: four windows, as llama-imatrix batches them
@@ -183,7 +185,7 @@ class _Collector:
         self.counts[name] = self.counts.get(name, 0) + rows
 
     def new_graph(self) -> None:
-        """Before each llama_decode: a tensor's address says nothing across graphs."""
+        """Before each group of windows: a tensor's address says nothing across graphs."""
         self._last = None
 
 
@@ -233,67 +235,40 @@ def compute_imatrix(model: Path, calibration: CalibrationText, threads: int, pro
     """The importance matrix of `model` (a GGUF llama.cpp can run) over the calibration text (its first
     `max_chunks` windows, as llama-imatrix's --chunks)."""
     progress = progress or NullProgress()
-    L = llama_cpp()
-    model_ptr = load_model(model, n_gpu_layers=0)  # collected on the CPU: the activations are read in place
-    ctx = batch = None
+    meta = model_meta(check_model(model))
+    tokens, bos = text_tokens(model, calibration.text.encode("utf-8"))
+    if len(tokens) < 2 * n_ctx:
+        raise YiLocalError(
+            f"the calibration text {calibration.name} has {len(tokens)} tokens; an importance matrix needs "
+            f"at least {2 * n_ctx} (two windows of {n_ctx})",
+            hint="give a longer --calibration text, or leave --calibration out to use the packaged one",
+        )
+    n_chunks = len(tokens) // n_ctx if max_chunks is None else min(len(tokens) // n_ctx, max_chunks)
+    windows = Windows(tokens, n_ctx, n_chunks, bos)
     collector = _Collector()
-    try:
-        vocab = L.llama_model_get_vocab(model_ptr)
-        # As llama-imatrix tokenizes it: BOS added, special tokens' texts left as text.
-        tokens = tokenize(vocab, calibration.text.encode("utf-8"), add_special=True, parse_special=False)
-        if len(tokens) < 2 * n_ctx:
-            raise YiLocalError(
-                f"the calibration text {calibration.name} has {len(tokens)} tokens; an importance matrix needs "
-                f"at least {2 * n_ctx} (two windows of {n_ctx})",
-                hint="give a longer --calibration text, or leave --calibration out to use the packaged one",
-            )
-        n_chunks = len(tokens) // n_ctx if max_chunks is None else min(len(tokens) // n_ctx, max_chunks)
-        n_seq = max(1, n_batch // n_ctx)
-        cp = L.llama_context_default_params()
-        cp.n_ctx, cp.n_seq_max, cp.kv_unified = n_ctx * n_seq, n_seq, False
-        cp.n_batch, cp.n_ubatch = n_ctx * n_seq, min(n_ctx, 512)
-        cp.n_threads = cp.n_threads_batch = threads
-        cp.cb_eval = collector.callback
-        ctx = L.llama_init_from_model(model_ptr, cp)
-        if not ctx:
-            raise YiLocalError(f"llama.cpp could not create a context of {n_ctx * n_seq} tokens for the importance matrix")
-        batch = L.llama_batch_init(n_ctx * n_seq, 0, 1)
-        bos = L.llama_vocab_bos(vocab) if L.llama_vocab_get_add_bos(vocab) else None
-        mem = L.llama_get_memory(ctx)
+    # Windows as llama-perplexity and llama-imatrix lay them out, on the CPU (the activations are read in
+    # place); logits at every position, as llama-imatrix asks.
+    with LogitsPass(meta, n_ctx, threads, n_gpu_layers=0, n_batch=n_batch, cb_eval=collector.callback) as pass_:
+        steps = pass_.run(windows, first=0)
         task = progress.task("importance matrix", n_chunks * n_ctx, unit="tokens")
         try:
-            for first in range(0, n_chunks, n_seq):
-                L.llama_memory_clear(mem, True)
-                seqs = range(min(n_seq, n_chunks - first))
-                i = 0
-                for s in seqs:
-                    window = tokens[(first + s) * n_ctx : (first + s + 1) * n_ctx]
-                    if bos is not None:
-                        window[0] = bos
-                    for pos, tok in enumerate(window):
-                        # Every position's logits, as llama-imatrix asks: otherwise llama.cpp skips the
-                        # last layer's feed-forward for all but the outputs, and its entries go missing.
-                        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = (
-                            tok, pos, 1, s, True)  # fmt: skip
-                        i += 1
-                batch.n_tokens = i
+            while True:
                 collector.new_graph()
-                with collector.signals:
-                    failed = L.llama_decode(ctx, batch) != 0
+                try:
+                    with collector.signals:
+                        step = next(steps, None)
+                except YiLocalError:
+                    if collector.error is None and collector.signals.received is None:
+                        raise
+                    step = None  # the graph was stopped on purpose: the reason is raised below
                 collector.signals.deliver()
                 if collector.error is not None:
                     raise collector.error
-                if failed:
-                    raise YiLocalError("llama.cpp failed to evaluate the calibration text")
-                task.advance(i)
+                if step is None:
+                    break
+                task.advance(min(pass_.n_seq, n_chunks - step[0]) * n_ctx)
         finally:
             task.close()
-    finally:
-        if batch is not None:
-            L.llama_batch_free(batch)
-        if ctx:
-            L.llama_free(ctx)
-        L.llama_model_free(model_ptr)
     if not collector.sums:
         raise YiLocalError(f"no matrix multiplications of {model.name} were seen while computing the importance matrix")
     entries = {

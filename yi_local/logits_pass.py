@@ -54,9 +54,10 @@ class Windows:
         return self.tokens[start : start + self.n_scored]
 
 
-def make_windows(path: str | os.PathLike[str], text: bytes, n_ctx: int, max_chunks: int | None,
-                 source: str) -> Windows:  # fmt: skip
-    """`text` tokenized by the model at `path` (its vocabulary only) and cut into windows of `n_ctx`."""
+def text_tokens(path: str | os.PathLike[str], text: bytes) -> tuple[np.ndarray, int | None]:
+    """`text` tokenized whole by the model at `path` (its vocabulary only), as llama.cpp's perplexity and
+    imatrix tools tokenize it (BOS added, special tokens' texts left as text); and its BOS, None when
+    the vocabulary adds none (Yi's)."""
     L = llama_cpp()
     model = load_model(path, vocab_only=True)
     try:
@@ -65,6 +66,13 @@ def make_windows(path: str | os.PathLike[str], text: bytes, n_ctx: int, max_chun
         bos = int(L.llama_vocab_bos(vocab)) if L.llama_vocab_get_add_bos(vocab) else None
     finally:
         L.llama_model_free(model)
+    return tokens, bos
+
+
+def make_windows(path: str | os.PathLike[str], text: bytes, n_ctx: int, max_chunks: int | None,
+                 source: str) -> Windows:  # fmt: skip
+    """`text` tokenized by the model at `path` (its vocabulary only) and cut into windows of `n_ctx`."""
+    tokens, bos = text_tokens(path, text)
     if len(tokens) < 2 * n_ctx:
         fits = len(tokens) // 4 * 2  # the largest even context with two windows in the text
         smaller = f", or a smaller --ctx (at most {fits} for this text)" if fits >= MIN_CTX else ""
@@ -77,11 +85,13 @@ def make_windows(path: str | os.PathLike[str], text: bytes, n_ctx: int, max_chun
 class LogitsPass:
     """One model loaded with a context for several windows at once; `run` yields their logits."""
 
-    def __init__(self, meta: ModelMeta, n_ctx: int, n_threads: int | None = None, n_gpu_layers: int | str = "auto"):
+    def __init__(self, meta: ModelMeta, n_ctx: int, n_threads: int | None = None, n_gpu_layers: int | str = "auto",
+                 n_batch: int = N_BATCH, cb_eval=None):  # fmt: skip
+        """`cb_eval`: a ggml_backend_sched_eval_callback to see the graph's tensors (the importance matrix)."""
         L = self._L = llama_cpp()
         self.n_ctx = n_ctx
-        self.n_seq = max(1, N_BATCH // n_ctx)
-        n_batch = min(N_BATCH, self.n_seq * n_ctx)
+        self.n_seq = max(1, n_batch // n_ctx)
+        n_batch = min(n_batch, self.n_seq * n_ctx)
         gpu = hardware.llama_gpu_kind()
         kv = kv_cache_bytes(meta.n_layers, self.n_seq * n_ctx, meta.n_head_kv, meta.n_embd // max(1, meta.n_head))
         plan = plan_offload(n_gpu_layers, meta.file_size, meta.n_layers, kv, gpu, hardware.gpu_free_bytes(gpu))
@@ -94,6 +104,8 @@ class LogitsPass:
             cp.n_ctx, cp.n_seq_max, cp.kv_unified = self.n_seq * -(-n_ctx // 256) * 256, self.n_seq, False
             cp.n_batch, cp.n_ubatch = n_batch, min(N_UBATCH, n_batch)
             cp.n_threads = cp.n_threads_batch = n_threads or hardware.cpu_count()
+            if cb_eval is not None:
+                cp.cb_eval = cb_eval
             self._ctx = L.llama_init_from_model(self._model, cp)
             if not self._ctx:
                 raise YiLocalError(f"llama.cpp could not create a context of {cp.n_ctx} tokens for {meta.path}",
@@ -123,10 +135,16 @@ class LogitsPass:
             L.llama_model_free(self._model)
             self._model = None
 
-    def run(self, w: Windows) -> Iterator[tuple[int, np.ndarray]]:
+    def run(self, w: Windows, first: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(first window, logits) per group of windows decoded together: logits[s, k] are window
-        (first + s)'s logits at position w.first + k, for k < w.n_scored. Valid until the next step."""
-        L, n_ctx, first = self._L, w.n_ctx, w.first
+        (first + s)'s logits at position w.first + k, for k < w.n_scored. Valid until the next step.
+
+        `first`: ask for logits from this position instead (0: every position, as llama-imatrix asks,
+        so that llama.cpp computes the last layer's feed-forward for every token); then logits[s, k]
+        are position first + k's, for every k."""
+        L, n_ctx = self._L, w.n_ctx
+        keep = w.n_scored if first is None else n_ctx - first
+        first = w.first if first is None else first
         n_out = n_ctx - first  # llama-perplexity asks for the last position's logits too, unused
         whole = n_ctx <= self.n_batch  # else a window takes several decodes, its logits gathered here
         gathered = None if whole else np.empty((1, n_out, self.n_vocab), dtype=np.float32)
@@ -146,12 +164,12 @@ class LogitsPass:
                 if n:
                     logits = np.ctypeslib.as_array(L.llama_get_logits(self._ctx), shape=(n_seqs, n, self.n_vocab))
                     if whole:
-                        yield c, logits[:, : w.n_scored]
+                        yield c, logits[:, :keep]
                     else:
                         gathered[:, done : done + n] = logits
                         done += n
             if not whole:
-                yield c, gathered[:, : w.n_scored]
+                yield c, gathered[:, :keep]
 
     def _fill(self, tokens: np.ndarray, pos0: int, first: int) -> int:
         """The batch: each row of `tokens` a sequence from position `pos0`; logits from `first` on.
