@@ -29,6 +29,7 @@ from yi_local import __version__, hardware
 from yi_local.errors import YiLocalError
 from yi_local.fit import kv_cache_bytes
 from yi_local.gguf_header import check_model, model_meta
+from yi_local.kv_types import DEFAULT_KV_TYPE, FLASH_ATTN_IDS, KV_TYPES, check_kv
 from yi_local.llama_lib import llama_cpp, load_model
 from yi_local.runtime import Finish, LoadOptions, SamplingParams, TextDelta, load_backend
 from yi_local.runtime.offload import plan_offload
@@ -84,6 +85,8 @@ class Setup:
     n_gpu_layers: int  # -1: all
     offload: str  # "CPU", "Metal", "CUDA 33/33 layers"
     parallel: list[int]
+    kv_type: str = DEFAULT_KV_TYPE
+    flash_attn: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -196,13 +199,15 @@ class BareLoop:
             self._model = None
 
     def run(self, prompts: list[list[int]], n_gen: int, n_ctx: int, n_threads: int, n_batch: int,
-            logit_bias: dict[int, float]) -> Speed:  # fmt: skip
+            logit_bias: dict[int, float], kv_type: str = DEFAULT_KV_TYPE, flash_attn: str = "auto") -> Speed:  # fmt: skip
         """Evaluate `prompts` (one sequence each) and generate `n_gen` tokens for each."""
         L, n_seqs = self._L, len(prompts)
         cp = L.llama_context_default_params()
         cp.n_ctx, cp.n_seq_max, cp.kv_unified = n_ctx * n_seqs, n_seqs, True
         cp.n_batch = cp.n_ubatch = n_batch
         cp.n_threads = cp.n_threads_batch = n_threads
+        cp.type_k = cp.type_v = KV_TYPES[kv_type].ggml_type
+        cp.flash_attn_type = FLASH_ATTN_IDS[flash_attn]
         ctx = L.llama_init_from_model(self._model, cp)
         if not ctx:
             raise YiLocalError(f"llama.cpp could not create a context of {n_ctx * n_seqs} tokens for {n_seqs} "
@@ -333,7 +338,8 @@ class Bench:
     """Settles the setup (model header, context, offload, prompts), then measures one level at a time."""
 
     def __init__(self, path: str | Path, n_prompt: int, n_gen: int, parallel: list[int], n_ctx: int,
-                 n_threads: int | None, n_batch: int, n_gpu_layers: int | str, seed: int = 0):  # fmt: skip
+                 n_threads: int | None, n_batch: int, n_gpu_layers: int | str, seed: int = 0,
+                 kv_type: str = DEFAULT_KV_TYPE, flash_attn: str = "auto"):  # fmt: skip
         if n_gen < MIN_GEN:
             raise YiLocalError(f"-n is {n_gen}; it must be at least {MIN_GEN}",
                                hint="the first token comes with the prompt; generation is timed after it")  # fmt: skip
@@ -345,13 +351,14 @@ class Bench:
         # One offload plan for every level and both sides, made for the largest KV cache measured.
         gpu = hardware.llama_gpu_kind()
         head_dim = meta.n_embd // max(1, meta.n_head)
-        kv = kv_cache_bytes(meta.n_layers, n_ctx * max(parallel), meta.n_head_kv, head_dim)
+        check_kv(kv_type, flash_attn, head_dim)
+        kv = kv_cache_bytes(meta.n_layers, n_ctx * max(parallel), meta.n_head_kv, head_dim, kv_type)
         plan = plan_offload(n_gpu_layers, meta.file_size, meta.n_layers, kv, gpu, hardware.gpu_free_bytes(gpu))
         self.setup = Setup(
             model=str(path), name=meta.name, quantization=meta.quantization, size_bytes=meta.file_size,
             n_params=meta.n_params, n_prompt=n_prompt, n_gen=n_gen, n_ctx=n_ctx,
             n_threads=n_threads or hardware.cpu_count(), n_batch=n_batch, n_gpu_layers=plan.n_gpu_layers,
-            offload=plan.description, parallel=list(parallel),
+            offload=plan.description, parallel=list(parallel), kv_type=kv_type, flash_attn=flash_attn,
         )  # fmt: skip
         vocab = BareLoop(path, vocab_only=True)
         try:
@@ -363,7 +370,7 @@ class Bench:
     def yi_local(self, n_parallel: int) -> Speed:
         s = self.setup
         options = LoadOptions(n_gpu_layers=s.n_gpu_layers, n_ctx=s.n_ctx, n_threads=s.n_threads, n_batch=s.n_batch,
-                              n_parallel=n_parallel)  # fmt: skip
+                              n_parallel=n_parallel, kv_type=s.kv_type, flash_attn=s.flash_attn)  # fmt: skip
         backend = load_backend(s.model, options)
         try:
             return engine_run(backend, self._prompts[:n_parallel], s.n_gen, self._no_end)
@@ -374,7 +381,8 @@ class Bench:
         s = self.setup
         loop = BareLoop(s.model, s.n_gpu_layers)
         try:
-            return loop.run(self._prompts[:n_parallel], s.n_gen, s.n_ctx, s.n_threads, s.n_batch, self._no_end)
+            return loop.run(self._prompts[:n_parallel], s.n_gen, s.n_ctx, s.n_threads, s.n_batch, self._no_end,
+                            s.kv_type, s.flash_attn)  # fmt: skip
         finally:
             loop.close()
 

@@ -1,7 +1,7 @@
 """How much memory a model needs and how fast it decodes: the one formula `doctor` and the offload planner use.
 
-Memory: weights (a level's bits per weight, or the file's size), the f16 KV cache at the context, and
-the compute buffers. Speed: decoding is memory-bound, so tokens/s ≈ bandwidth ÷ bytes read per token.
+Memory: weights (a level's bits per weight, or the file's size), the KV cache at the context and its
+type (f16 unless `--kv-type` says otherwise), and the compute buffers. Speed: decoding is memory-bound, so tokens/s ≈ bandwidth ÷ bytes read per token.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from yi_local.catalog import CatalogEntry
+from yi_local.kv_types import DEFAULT_KV_TYPE, KV_TYPES
 from yi_local.quant_types import QUANT_TYPES
 
 # Compute buffers and the runtime itself, beside weights and KV cache.
@@ -22,9 +23,10 @@ INTERACTIVE_TPS = 10.0
 DOCTOR_LEVELS = ("IQ2_M", "Q2_K", "IQ3_M", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 
 
-def kv_cache_bytes(n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int, bytes_per_value: int = 2) -> int:
-    """The KV cache of `n_ctx` tokens: K and V for every layer and KV head, f16 (llama.cpp's default)."""
-    return 2 * n_layers * n_ctx * n_kv_heads * head_dim * bytes_per_value
+def kv_cache_bytes(n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int, kv_type: str = DEFAULT_KV_TYPE) -> int:
+    """The KV cache of `n_ctx` tokens: K and V for every layer and KV head, at `kv_type` (llama.cpp's
+    default f16: 2 bytes a value; q8_0 34 bytes per 32 values, q4_0 18)."""
+    return 2 * n_layers * n_ctx * KV_TYPES[kv_type].bytes_for(n_kv_heads * head_dim)
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,12 @@ def fits(need: Need, budget: int) -> bool:
     return need.weights + need.kv_cache <= usable_bytes(budget)
 
 
-def memory_needed(entry: CatalogEntry, quant: str, n_ctx: int) -> Need:
-    """Bytes to run `entry` at `quant` with `n_ctx` tokens of context (f16 KV cache)."""
+def memory_needed(entry: CatalogEntry, quant: str, n_ctx: int, kv_type: str = DEFAULT_KV_TYPE) -> Need:
+    """Bytes to run `entry` at `quant` with `n_ctx` tokens of context (at most its own) in a `kv_type` KV cache."""
     shape = entry.shape
     bpw = QUANT_TYPES[quant].bits_per_weight if quant in QUANT_TYPES else 16.0
     weights = int(entry.parameters * bpw / 8)
-    kv = kv_cache_bytes(shape.layers, min(n_ctx, entry.context), shape.kv_heads, shape.head_dim)
+    kv = kv_cache_bytes(shape.layers, min(n_ctx, entry.context), shape.kv_heads, shape.head_dim, kv_type)
     return Need(weights=weights, kv_cache=kv, embeddings=int(shape.vocab * shape.hidden * bpw / 8))
 
 
@@ -77,13 +79,14 @@ class Pick:
         return self.tokens_per_second is None or self.tokens_per_second >= INTERACTIVE_TPS
 
 
-def recommend(entries: list[CatalogEntry], n_ctx: int, budget: int, bandwidth: float | None = None) -> Pick | None:
+def recommend(entries: list[CatalogEntry], n_ctx: int, budget: int, bandwidth: float | None = None,
+              kv_type: str = DEFAULT_KV_TYPE) -> Pick | None:  # fmt: skip
     """The biggest chat model that fits and decodes at INTERACTIVE_TPS or faster, at its best level (Q4_K_M
     or better preferred); when nothing that fits is that fast, the fastest that fits; None when nothing fits."""
     picks = []
     for entry in entries:
         for quant in DOCTOR_LEVELS:
-            need = memory_needed(entry, quant, n_ctx)
+            need = memory_needed(entry, quant, n_ctx, kv_type)
             if fits(need, budget):
                 picks.append(Pick(entry, quant, need, None if bandwidth is None else need.tokens_per_second(bandwidth)))
     if not picks:
@@ -97,3 +100,18 @@ def recommend(entries: list[CatalogEntry], n_ctx: int, budget: int, bandwidth: f
     if fast:
         return max(fast, key=lambda p: (p.entry.chat, level(p)[0], p.entry.parameters, level(p)[1]))
     return max(picks, key=lambda p: (p.entry.chat, level(p)[0], p.tokens_per_second))
+
+
+# `--ctx 0` shrinks the model's own context to what fits in steps of this many tokens.
+CONTEXT_STEP = 1024
+
+
+def largest_context(n_train: int, kv_bytes_per_token: int, weights: int, budget: int, minimum: int) -> int:
+    """The context `--ctx 0` takes: the model's own (`n_train`) when its KV cache fits beside the weights
+    in `budget` free bytes (doctor's rule), else the largest multiple of CONTEXT_STEP that does; at least
+    `minimum` (then llama.cpp's own error, if any, says what did not fit)."""
+    room = usable_bytes(budget) - weights
+    if kv_bytes_per_token <= 0 or n_train * kv_bytes_per_token <= room:
+        return n_train
+    fitting = max(0, room) // kv_bytes_per_token // CONTEXT_STEP * CONTEXT_STEP
+    return max(minimum, min(n_train, fitting))

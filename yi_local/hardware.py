@@ -77,6 +77,15 @@ def gpu_free_bytes(kind: str | None) -> int | None:
     return None
 
 
+def memory_budget(kind: str | None, gpu_free: int | None) -> int:
+    """The free memory a model and its KV cache may take: free RAM, plus a discrete GPU's free memory
+    (Metal's is the RAM itself)."""
+    import psutil
+
+    ram = int(psutil.virtual_memory().available)
+    return ram + (gpu_free or 0) if kind not in (None, "Metal") else ram
+
+
 def cpu_name() -> str:
     if platform.system() == "Darwin":
         try:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
+import sys
 import threading
+from typing import Iterator
 
 from yi_local.errors import YiLocalError
 
 _lock = threading.Lock()
 _ready = False
+_captures: list[list[str]] = []  # the lists `captured_log` is filling
+_log_callback = None  # kept alive: llama.cpp holds the pointer
 
 
 def llama_cpp():
@@ -27,6 +33,7 @@ def llama_cpp():
             verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
             # llama-cpp-python prints llama.cpp's log lines when this logger's level lets them through.
             logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+            _install_log(module, verbose)
             module.llama_backend_init()
             _ready = True
     return module
@@ -57,3 +64,40 @@ def tokenize(vocab, data: bytes, add_special: bool, parse_special: bool) -> list
         buf = (L.llama_token * -n)()
         n = L.llama_tokenize(vocab, data, len(data), buf, -n, add_special, parse_special)
     return list(buf[:n])
+
+
+def _install_log(module, verbose: bool) -> None:
+    """llama.cpp's log: printed to stderr as llama-cpp-python's own callback does (everything when
+    verbose, else errors), and handed to `captured_log` readers, which learn from it what the API does
+    not say (the KV cache's size and types, why a context could not be made)."""
+    global _log_callback
+    # ggml_log_level: 0 none, 1 info, 2 warn, 3 error, 4 debug, 5 continues the previous line
+    shown = {0, 1, 2, 3, 4} if verbose else {0, 3}
+    last = [0]
+
+    @module.llama_log_callback
+    def log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        line = text.decode("utf-8", errors="replace")
+        level = last[0] if level == 5 else level
+        last[0] = level
+        if level in shown:
+            print(line, end="", flush=True, file=sys.stderr)
+        for lines in _captures:
+            lines.append(line)
+
+    _log_callback = log
+    module.llama_log_set(log, ctypes.c_void_p(0))
+
+
+@contextlib.contextmanager
+def captured_log() -> Iterator[list[str]]:
+    """The text llama.cpp logs while the block runs (from any thread), piece by piece."""
+    llama_cpp()
+    lines: list[str] = []
+    with _lock:
+        _captures.append(lines)
+    try:
+        yield lines
+    finally:
+        with _lock:
+            _captures.remove(lines)

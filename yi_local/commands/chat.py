@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from tui.session import lock_session
 
     base = sampling_params(args)  # bad flags fail before a pull or conversion
+    load_options(args)
     # The session is checked and held before anything slow happens: a bad name, a damaged file or a
     # session open in another chat ends here, before the model is pulled or loaded.
     lock = lock_session(args.session) if args.session is not None else None

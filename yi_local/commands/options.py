@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+from yi_local.kv_types import FLASH_ATTN_MODES, KV_TYPES
 from yi_local.runtime.params import LOAD_LIMITS, MIN_CTX, SAMPLING_LIMITS, Limit, LoadOptions, SamplingParams
 
 SAMPLING = SamplingParams()  # the defaults, written once in the runtime
@@ -116,6 +117,12 @@ def add_runtime_args(p: argparse.ArgumentParser, backends: bool = True) -> None:
                    help="CPU threads (default: all cores)")  # fmt: skip
     g.add_argument("--batch", type=limited(LOAD_LIMITS["n_batch"]), default=LOADING.n_batch,
                    help=f"prompt evaluation batch size (default {LOADING.n_batch})")  # fmt: skip
+    g.add_argument("--kv-type", choices=tuple(KV_TYPES), default=LOADING.kv_type,
+                   help="KV cache type for keys and values: q8_0 takes 53%% of f16's memory, q4_0 28%%; both need "
+                   f"flash attention (default {LOADING.kv_type})")  # fmt: skip
+    g.add_argument("--flash-attn", "-fa", choices=FLASH_ATTN_MODES, default=LOADING.flash_attn,
+                   help="flash attention: auto lets llama.cpp choose for the device (on for a quantized "
+                   f"KV cache); off is refused with --kv-type q8_0/q4_0 (default {LOADING.flash_attn})")  # fmt: skip
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = SAMPLING.max_tokens) -> None:
@@ -141,8 +148,20 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = SAMPL
 
 
 def load_options(args: argparse.Namespace, on_progress=None, n_parallel: int = 1) -> LoadOptions:
-    return LoadOptions(n_gpu_layers=args.n_gpu_layers, n_ctx=args.ctx, n_threads=args.threads,
-                       n_batch=args.batch, n_parallel=n_parallel, on_progress=on_progress)  # fmt: skip
+    """The loading flags, checked: call it before resolving the model, so that flags that cannot go
+    together (--kv-type q8_0 --flash-attn off) fail before a pull, a conversion or a load."""
+    options = LoadOptions(n_gpu_layers=args.n_gpu_layers, n_ctx=args.ctx, n_threads=args.threads,
+                          n_batch=args.batch, n_parallel=n_parallel, kv_type=args.kv_type,
+                          flash_attn=args.flash_attn, on_progress=on_progress)  # fmt: skip
+    options.validate()
+    transformers = args.backend == "transformers" or getattr(args, "precision", None) == "full"
+    if transformers and (options.kv_type != LOADING.kv_type or options.flash_attn != LOADING.flash_attn):
+        from yi_local.errors import YiLocalError
+
+        raise YiLocalError("--kv-type and --flash-attn are llama.cpp's settings; the transformers backend "
+                           "keeps its cache in the model's own precision",
+                           hint="leave them out with --precision full / --backend transformers")  # fmt: skip
+    return options
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
             raise YiLocalError(f"{what} has bytes that are not UTF-8 ({bad!r})",
                                hint="give text in UTF-8 (convert it with iconv)") from None  # fmt: skip
     params = sampling_params(args)  # bad flags fail before a model is resolved or loaded
+    options = load_options(args)
     model, backend_name = resolve_model(args)
-    backend = load_backend(model, load_options(args), backend=backend_name)
+    backend = load_backend(model, options, backend=backend_name)
     info = backend.info
     print(f"yi-local: {info.name} · {info.quantization} · {info.offload} · ctx {info.n_ctx}", file=sys.stderr)
     if args.raw:

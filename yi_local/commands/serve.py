@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
     key = api_key(args)
     defaults = sampling_params(args)
+    load_options(args)  # flags that cannot go together fail before the port, a pull or a load
     header_seconds, body_seconds = _timeout("header", http.HEADER_SECONDS), _timeout("body", BODY_SECONDS)
     sock = http.bind(args.host, args.port)  # a taken port fails now, not after the model has loaded
     with sock:

@@ -68,6 +68,10 @@ class ModelInfo:
     eos_token: str
     gpu_layers: int = 0  # layers on a GPU (all of them: n_layers)
     n_parallel: int = 1  # sequences decoded together
+    kv_type: str = "f16"  # the KV cache's type (keys and values)
+    flash_attn: str = "off"  # on or off as llama.cpp settled it (auto where it did not say)
+    kv_bytes: int = 0  # the KV cache's size, as llama.cpp reports it (all sequences)
+    notes: tuple[str, ...] = ()  # what loading chose that the user should hear (--ctx 0 cut to what fits)
 
     @property
     def runs_on_cpu(self) -> bool:

@@ -23,12 +23,15 @@ import numpy as np
 
 from yi_local import hardware
 from yi_local.errors import YiLocalError
-from yi_local.fit import kv_cache_bytes
+from yi_local.fit import kv_cache_bytes, largest_context
 from yi_local.gguf_header import check_model, model_meta
-from yi_local.llama_lib import llama_cpp, tokenize
+from yi_local.kv_types import FLASH_ATTN_IDS, check_kv
+from yi_local.llama_lib import captured_log, llama_cpp, tokenize
+from yi_local.runtime import context_log
 from yi_local.runtime.backend import Backend, Chunk, GrammarDeadEndError, ModelInfo, utf8
 from yi_local.runtime.offload import plan_offload
-from yi_local.runtime.params import LoadOptions, SamplingParams
+from yi_local.runtime.params import MIN_CTX, LoadOptions, SamplingParams
+from yi_local.units import format_size
 from yi_local.runtime.sandbox import Sandbox
 
 logger = logging.getLogger(__name__)
@@ -63,13 +66,25 @@ class LlamaCppBackend(Backend):
         self._samplers: dict[int, _Sampling] = {}
         self._ctx = self._model = self._batch = None
         n_seq = options.n_parallel
+        head_dim = meta.n_embd // max(1, meta.n_head)
+        kv_type = check_kv(options.kv_type, options.flash_attn, head_dim)  # before anything is loaded
+        notes: list[str] = []
 
         gpu = hardware.llama_gpu_kind()
-        n_ctx_hint = options.n_ctx or 4096
-        head_dim = meta.n_embd // max(1, meta.n_head)
-        kv_bytes = kv_cache_bytes(meta.n_layers, n_ctx_hint, meta.n_head_kv, head_dim) * n_seq
-        plan = plan_offload(options.n_gpu_layers, meta.file_size, meta.n_layers, kv_bytes,
-                            gpu, hardware.gpu_free_bytes(gpu))  # fmt: skip
+        gpu_free = hardware.gpu_free_bytes(gpu)
+        per_token = kv_cache_bytes(meta.n_layers, 1, meta.n_head_kv, head_dim, kv_type.name) * n_seq
+        n_ctx_seq = options.n_ctx
+        if n_ctx_seq == 0 and meta.context_length > 0:
+            # The model's own context, or the most of it that fits here beside the weights.
+            budget = options.memory_budget or hardware.memory_budget(gpu, gpu_free)
+            n_ctx_seq = largest_context(meta.context_length, per_token, meta.file_size, budget, MIN_CTX)
+            if n_ctx_seq < meta.context_length:
+                notes.append(f"--ctx 0: the model's own context of {meta.context_length:,} tokens needs "
+                             f"{format_size(meta.context_length * per_token)} of {kv_type.name} KV cache, more "
+                             f"than fits in the {format_size(budget)} free here; using {n_ctx_seq:,} tokens "
+                             f"(--kv-type q8_0 or q4_0 holds more)")  # fmt: skip
+        plan = plan_offload(options.n_gpu_layers, meta.file_size, meta.n_layers, (n_ctx_seq or 4096) * per_token,
+                            gpu, gpu_free)  # fmt: skip
         logger.info("offload: %s", plan.description)
 
         mparams = L.llama_model_default_params()
@@ -91,17 +106,25 @@ class LlamaCppBackend(Backend):
 
         cparams = L.llama_context_default_params()
         n_train = L.llama_model_n_ctx_train(self._model)
-        n_ctx_seq = options.n_ctx if options.n_ctx > 0 else n_train
+        n_ctx_seq = n_ctx_seq or n_train
         cparams.n_ctx = n_ctx_seq * n_seq
         cparams.n_seq_max = n_seq
         cparams.kv_unified = n_seq > 1
         cparams.n_batch = cparams.n_ubatch = options.n_batch
         threads = options.n_threads or hardware.cpu_count()
         cparams.n_threads = cparams.n_threads_batch = threads
-        self._ctx = L.llama_init_from_model(self._model, cparams)
+        cparams.type_k = cparams.type_v = kv_type.ggml_type
+        cparams.flash_attn_type = FLASH_ATTN_IDS[options.flash_attn]
+        with captured_log() as log:
+            self._ctx = L.llama_init_from_model(self._model, cparams)
         if not self._ctx:
-            raise YiLocalError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens",
-                               hint="try a smaller --ctx")  # fmt: skip
+            said = context_log.errors(log)
+            raise YiLocalError(f"llama.cpp could not create a context of {cparams.n_ctx:,} tokens with a "
+                               f"{kv_type.name} KV cache and flash attention {options.flash_attn}"
+                               + (f": {said}" if said else ""),
+                               hint="try a smaller --ctx, or --kv-type f16 / --flash-attn auto")  # fmt: skip
+        report = context_log.read_report(log)
+        flash = report.flash_attn if report is not None else None
         self._vocab = L.llama_model_get_vocab(self._model)
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
         self._mem = L.llama_get_memory(self._ctx)
@@ -128,6 +151,10 @@ class LlamaCppBackend(Backend):
             eos_token=self.token_bytes(eos, special=True).decode(errors="replace") if eos >= 0 else "",
             gpu_layers=plan.n_gpu_layers if plan.n_gpu_layers >= 0 else meta.n_layers,
             n_parallel=n_seq,
+            kv_type=kv_type.name,
+            flash_attn=options.flash_attn if flash is None else ("on" if flash else "off"),
+            kv_bytes=report.kv_bytes if report is not None else n_ctx_seq * per_token,
+            notes=tuple(notes),
         )
 
     # -- vocabulary --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from yi_local.errors import YiLocalError
+from yi_local.kv_types import DEFAULT_KV_TYPE, check_kv
 
 # ggml's thread pool holds at most GGML_MAX_N_THREADS (512) threads; more crashes llama.cpp.
 MAX_THREADS = 512
@@ -96,6 +97,9 @@ class LoadOptions:
     n_threads: int | None = None  # None: all cores
     n_batch: int = 512
     n_parallel: int = 1  # sequences decoded together in one context; n_ctx is per sequence
+    kv_type: str = DEFAULT_KV_TYPE  # keys and values: f16, bf16, q8_0, q4_0 (yi_local.kv_types)
+    flash_attn: str = "auto"  # auto: llama.cpp's choice for the device (always on for a quantized cache); on; off
+    memory_budget: int | None = None  # bytes `n_ctx=0` may plan for (None: what is free here)
     on_progress: Callable[[float], None] | None = None  # 0..1 while the weights load
 
     def validate(self) -> None:
@@ -112,6 +116,7 @@ class LoadOptions:
         if self.n_parallel > self.n_batch:
             raise ParamError("n_parallel", f"{self.n_parallel} parallel sequences need a batch of at least as many "
                              f"tokens, not {self.n_batch}")  # fmt: skip
+        check_kv(self.kv_type, self.flash_attn)
 
 
 PARALLEL_GPU, PARALLEL_CPU = 4, 2
