@@ -6,7 +6,8 @@ wait for the screen; the UI takes what has come once per frame and renders it in
 the reply done (status, session save) only once all of it is on screen. Esc sets the reply's cancel
 event: the runtime ends it at the next token and the text written so far stays. A named session is
 saved after every reply and held (a lock) while the app has it open; a save that fails is reported in
-the app and the conversation stays on screen.
+the app and the conversation stays on screen. Its KV cache is saved beside it after each reply and
+loaded when it resumes (`tui.session_state`), so that a long conversation is not evaluated again.
 """
 
 from __future__ import annotations
@@ -26,15 +27,27 @@ from tui.commands import COMMANDS, matches, parse
 from tui.handoff import Handoff
 from tui.pacing import FramePacer
 from tui.screens.help import HelpScreen
-from tui.session import Session, check_setting, list_sessions, load_session, lock_session, save_session
+from tui import session_state
+from tui.session import (
+    Session,
+    check_setting,
+    delete_session,
+    list_sessions,
+    load_session,
+    lock_session,
+    save_session,
+    session_state_size,
+)
 from tui.widgets.messages import ChatLog, NoticeMessage, ReplyMessage, UserMessage
 from tui.widgets.prompt import PromptInput
 from tui.widgets.status import StatusBar
 from yi_local.errors import YiLocalError
 from yi_local.locks import Lock
 from yi_local.runtime import Finish, SamplingParams, TextDelta
-from yi_local.runtime.params import SAMPLING_LIMITS
 from yi_local.runtime.backend import Backend, ContextOverflowError
+from yi_local.runtime.kv_state import DEFAULT_MAX_BYTES
+from yi_local.runtime.params import SAMPLING_LIMITS
+from yi_local.units import format_size
 
 Loader = Callable[[Callable[[float], None]], Backend]  # called with a progress callback (0..1)
 
@@ -52,8 +65,10 @@ class ChatApp(App[None]):
     ]
 
     def __init__(self, loader: Loader, session: Session | None = None, session_name: str | None = None,
-                 base_params: SamplingParams | None = None, session_lock: Lock | None = None) -> None:  # fmt: skip
-        """`session_lock`: the lock on `session_name` when the caller took it; else the app takes it."""
+                 base_params: SamplingParams | None = None, session_lock: Lock | None = None,
+                 max_state_bytes: int = DEFAULT_MAX_BYTES) -> None:  # fmt: skip
+        """`session_lock`: the lock on `session_name` when the caller took it; else the app takes it.
+        `max_state_bytes`: the largest KV cache saved with a session (0: none)."""
         super().__init__()
         self.loader = loader
         self.session = session or Session()
@@ -63,6 +78,8 @@ class ChatApp(App[None]):
         self.backend: Backend | None = None
         self.load_error: YiLocalError | None = None
         self.cancel: threading.Event | None = None  # set while a reply is generating
+        self.max_state_bytes = max_state_bytes
+        self._state_notes: set[str] = set()  # said once each
 
     # -- layout ------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -115,7 +132,32 @@ class ChatApp(App[None]):
         except Exception as e:  # llama.cpp and ctypes raise assorted errors for unloadable files
             self.call_from_thread(self._load_failed, YiLocalError(f"the model could not be loaded ({e})"))
             return
+        for note in backend.info.notes:
+            self.call_from_thread(self.notice, note)
+        if self.session_name:
+            self.call_from_thread(setattr, self.status, "state", "loading the saved KV cache…")
+            note = session_state.resume(backend, self.session_name, self.session)
+            if note:
+                self.call_from_thread(self.notice, note)
         self.call_from_thread(self._loaded, backend)
+
+    @work(thread=True, group="state")
+    def _resume_state(self, name: str, session: Session) -> None:
+        """After /load: that session's saved KV cache, when it has one (before its next reply)."""
+        assert self.backend is not None
+        note = session_state.resume(self.backend, name, session)
+        if note:
+            self.call_from_thread(self.notice, note)
+
+    @work(thread=True, group="state")
+    def _save_state(self, name: str, digest: str) -> None:
+        """The KV cache after a reply, saved with session `name` (a long one takes a second or more)."""
+        if self.backend is None:
+            return
+        note = session_state.save(self.backend, name, digest, self.max_state_bytes)
+        if note and note not in self._state_notes:
+            self._state_notes.add(note)
+            self.call_from_thread(self.notice, note)
 
     def _loaded(self, backend: Backend) -> None:
         self.backend = backend
@@ -245,8 +287,8 @@ class ChatApp(App[None]):
             self.notify(f"The conversation fills {used} of {n_ctx} context tokens. "
                         "/drop forgets the oldest turn; /clear starts over.",
                         title="Context nearly full", severity="warning", timeout=15)  # fmt: skip
-        if self.session_name:
-            self._save(self.session_name, quiet=True)
+        if self.session_name and self._save(self.session_name, quiet=True):
+            self._save_state(self.session_name, self.session.digest())
 
     async def _next_paint(self) -> None:
         """Returns once the screen shows what has changed so far."""
@@ -356,6 +398,8 @@ class ChatApp(App[None]):
         lock = self._hold(arg)
         if self._save(arg):
             self._switch_session(arg, lock)
+            if self.backend is not None and not self.generating:
+                self._save_state(arg, self.session.digest())
         elif lock is not self.session_lock:
             lock.release()
 
@@ -379,7 +423,7 @@ class ChatApp(App[None]):
             return self.session_lock
         return lock_session(name)
 
-    def _switch_session(self, name: str, lock: Lock) -> None:
+    def _switch_session(self, name: str | None, lock: Lock | None) -> None:
         if self.session_lock is not None and self.session_lock is not lock:
             self.session_lock.release()
         self.session_name, self.session_lock = name, lock
@@ -401,11 +445,34 @@ class ChatApp(App[None]):
         self._redraw()
         if self.backend is not None:
             self.backend.reset()
+            self._resume_state(arg, self.session)
         self.notify(f"Loaded {arg}: {len(self.session.messages)} messages")
 
     def cmd_sessions(self, arg: str) -> None:
         names = list_sessions()
-        self.notice("Saved sessions: " + ", ".join(names) if names else "No saved sessions yet: /save NAME makes one.")
+        if not names:
+            self.notice("No saved sessions yet: /save NAME makes one.")
+            return
+
+        def shown(name: str) -> str:
+            size = session_state_size(name)
+            return f"{name} (KV cache {format_size(size)})" if size is not None else name
+
+        self.notice("Saved sessions: " + ", ".join(shown(n) for n in names))
+
+    def cmd_delete(self, arg: str) -> None:
+        if not arg:
+            raise YiLocalError("/delete needs a name", hint="/sessions lists them")
+        lock = self._hold(arg)
+        try:
+            if not delete_session(arg):
+                raise YiLocalError(f"there is no session {arg!r}", hint="/sessions lists the saved ones")
+        finally:
+            if lock is not self.session_lock:
+                lock.release()
+        if arg == self.session_name:  # the conversation stays on screen, no longer saved
+            self._switch_session(None, None)
+        self.notify(f"Deleted the session {arg} and its saved KV cache.")
 
     def cmd_help(self, arg: str) -> None:
         self.action_help()

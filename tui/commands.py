@@ -24,7 +24,8 @@ COMMANDS = {
         Command("/retry", "", "generate the last reply again"),
         Command("/save", "NAME", "save the conversation and settings"),
         Command("/load", "NAME", "load a saved conversation"),
-        Command("/sessions", "", "list saved conversations"),
+        Command("/sessions", "", "list saved conversations and the size of their saved KV caches"),
+        Command("/delete", "NAME", "delete a saved conversation and its KV cache"),
         Command("/help", "", "keys and commands"),
         Command("/quit", "", "leave"),
     )

@@ -17,6 +17,7 @@ from yi_local.errors import YiLocalError
 from yi_local.locks import Lock
 from yi_local.paths import home
 from yi_local.runtime import SamplingParams
+from yi_local.runtime.kv_state import remove_state, state_size
 from yi_local.runtime.params import CHAT_MAX_TOKENS, SAMPLING_LIMITS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -72,6 +73,13 @@ class Session:
         while dropped < n and self.drop_oldest_turn():
             dropped += 1
         return dropped
+
+    def digest(self) -> str:
+        """A hash of what the model sees: a saved KV cache belongs to exactly this conversation."""
+        import hashlib
+
+        text = json.dumps(self.chat_messages(), ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, indent=2)
@@ -137,6 +145,31 @@ def _path(name: str) -> Path:
 
 def session_exists(name: str) -> bool:
     return _path(name).exists()
+
+
+def state_path(name: str) -> Path:
+    """Where the session's KV cache is saved (yi_local.runtime.kv_state), beside its JSON."""
+    return sessions_dir() / f"{check_name(name)}.kv"
+
+
+def session_state_size(name: str) -> int | None:
+    return state_size(state_path(name))
+
+
+def delete_session(name: str) -> bool:
+    """Delete the session's file and its saved KV cache; False when there was no such session.
+
+    The caller holds the session's lock (no chat has it open)."""
+    path = _path(name)
+    existed = path.exists() or state_path(name).exists()
+    remove_state(state_path(name))
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise YiLocalError(f"cannot delete {path} ({e.strerror or e})") from None
+    return existed
 
 
 def save_session(name: str, session: Session) -> Path:

@@ -15,6 +15,7 @@ from yi_local.errors import YiLocalError
 _lock = threading.Lock()
 _ready = False
 _captures: list[list[str]] = []  # the lists `captured_log` is filling
+_quiet = 0  # quiet captures running: their errors are reported by the caller, not printed
 _log_callback = None  # kept alive: llama.cpp holds the pointer
 
 
@@ -80,7 +81,7 @@ def _install_log(module, verbose: bool) -> None:
         line = text.decode("utf-8", errors="replace")
         level = last[0] if level == 5 else level
         last[0] = level
-        if level in shown:
+        if level in shown and not _quiet:
             print(line, end="", flush=True, file=sys.stderr)
         for lines in _captures:
             lines.append(line)
@@ -90,14 +91,18 @@ def _install_log(module, verbose: bool) -> None:
 
 
 @contextlib.contextmanager
-def captured_log() -> Iterator[list[str]]:
-    """The text llama.cpp logs while the block runs (from any thread), piece by piece."""
+def captured_log(quiet: bool = False) -> Iterator[list[str]]:
+    """The text llama.cpp logs while the block runs (from any thread), piece by piece; with `quiet`,
+    nothing is printed meanwhile (the caller reports what went wrong in its own words)."""
+    global _quiet
     llama_cpp()
     lines: list[str] = []
     with _lock:
         _captures.append(lines)
+        _quiet += quiet
     try:
         yield lines
     finally:
         with _lock:
             _captures.remove(lines)
+            _quiet -= quiet

@@ -4,6 +4,10 @@ Enter sends, Ctrl+J makes a new line, Esc stops a reply (keeping what was writte
 earlier prompts, F1 or /help shows keys and commands. Sessions are saved as JSON under
 $YI_LOCAL_HOME/sessions (default: the platform's user data folder). A session is open in one chat at
 a time: a second `--session NAME` (or /save NAME, /load NAME) of it is refused, naming the process.
+With each session its KV cache is saved after every reply (NAME.kv, up to --max-state-size) and loaded
+when the session resumes, so a long conversation is not evaluated again; it is used only with the same
+model file, --ctx, --kv-type and --flash-attn, else the history is evaluated as before. /sessions shows
+their sizes, /delete NAME removes a session with its KV cache.
 
 Examples:
   yi-local chat Yi-6B-Chat-Q4_K_M.gguf
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 
+from yi_local.runtime.kv_state import DEFAULT_MAX_BYTES
 from yi_local.runtime.params import CHAT_MAX_TOKENS
+from yi_local.units import format_size
 
 from yi_local.commands.options import (
     add_model_arg,
@@ -31,8 +37,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt for a new conversation")
     p.add_argument("--session", default=None, metavar="NAME",
                    help="resume the saved session NAME (or start it), saving after every reply")  # fmt: skip
+    p.add_argument("--max-state-size", type=_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
+                   help="save a session's KV cache with it when it takes at most SIZE, e.g. 512M or 4G; 0: never "
+                   f"(default {format_size(DEFAULT_MAX_BYTES)})")  # fmt: skip
     add_runtime_args(p)
     add_sampling_args(p, max_tokens=CHAT_MAX_TOKENS)
+
+
+def _size(text: str) -> int:
+    from yi_local.units import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _session(args: argparse.Namespace, base):
@@ -63,7 +81,8 @@ def build_app(args: argparse.Namespace, model: str, backend_name: str, session=N
     def loader(progress):
         return load_backend(model, load_options(args, on_progress=progress), backend=backend_name)
 
-    return ChatApp(loader, session=session, session_name=args.session, base_params=base, session_lock=session_lock)
+    return ChatApp(loader, session=session, session_name=args.session, base_params=base, session_lock=session_lock,
+                   max_state_bytes=args.max_state_size)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -129,6 +129,23 @@ class Backend(ABC):
     def _end_sampling(self, seq: int) -> None:
         """The slot's reply has ended: free its sampler."""
 
+    # Saved KV caches (yi_local.runtime.kv_state); a backend that offers them returns its binding.
+    def state_binding(self) -> dict | None:
+        """What a saved state of this loaded model depends on (model file, context settings, cache
+        type); None when this backend cannot save its KV cache."""
+        return None
+
+    def _slot_state_size(self, seq: int) -> int:
+        raise NotImplementedError
+
+    def _slot_save(self, seq: int, path, tokens: list[int]) -> bool:
+        """Write the slot's state, holding `tokens`, to `path`; False when it could not."""
+        raise NotImplementedError
+
+    def _slot_load(self, seq: int, path, n_tokens: int) -> list[int] | None:
+        """Load the state at `path` into the (empty) slot; its tokens, or None when it could not."""
+        raise NotImplementedError
+
     @property
     def engine(self) -> Engine:
         if self._engine is None:

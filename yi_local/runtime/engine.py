@@ -19,12 +19,13 @@ evaluation step and a sampler per slot; the engine's worker thread turns them in
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from yi_local.errors import YiLocalError
 from yi_local.runtime.events import Event
@@ -150,6 +151,15 @@ class Engine:
             request.stop.set()
         with self._wake:
             self._wake.notify()
+
+    @contextlib.contextmanager
+    def idle_slot(self, seq: int) -> Iterator[Slot | None]:
+        """The slot `seq` while no step runs, so that its KV cells may be saved or replaced; None when
+        it is generating (then nothing may touch it). The block must keep `cache` and `generated` true
+        to what the cells hold."""
+        with self._step_lock:
+            slot = self.slots[seq]
+            yield slot if slot.request is None else None
 
     def reset(self) -> None:
         """Empty the caches of the slots that are not generating."""

@@ -65,6 +65,7 @@ class LlamaCppBackend(Backend):
         self._specials: frozenset[bytes] | None = None
         self._samplers: dict[int, _Sampling] = {}
         self._ctx = self._model = self._batch = None
+        self._identity: dict | None = None  # the model file's, for saved states
         n_seq = options.n_parallel
         head_dim = meta.n_embd // max(1, meta.n_head)
         kv_type = check_kv(options.kv_type, options.flash_attn, head_dim)  # before anything is loaded
@@ -217,6 +218,35 @@ class LlamaCppBackend(Backend):
         if rc != 0:
             raise YiLocalError(f"llama.cpp failed to evaluate {n} token(s) (code {rc})",
                                hint="the memory may be full: lower --ctx or --parallel")  # fmt: skip
+
+    # -- saved states (yi_local.runtime.kv_state) ---------------------------------------------
+    def state_binding(self) -> dict:
+        from importlib.metadata import version
+
+        from yi_local.runtime import kv_state
+
+        if self._identity is None:
+            assert self._model_fd is not None
+            self._identity = kv_state.model_identity(self._model_fd)
+        info = self.info
+        return {"format": kv_state.FORMAT, "llama_cpp_python": version("llama-cpp-python"), "model": self._identity,
+                "n_ctx": info.n_ctx, "n_parallel": info.n_parallel, "kv_unified": info.n_parallel > 1,
+                "kv_type": info.kv_type, "flash_attn": info.flash_attn}  # fmt: skip
+
+    def _slot_state_size(self, seq: int) -> int:
+        return int(self._L.llama_state_seq_get_size(self._ctx, seq))
+
+    def _slot_save(self, seq: int, path, tokens: list[int]) -> bool:
+        arr = (self._L.llama_token * len(tokens))(*tokens)
+        with captured_log(quiet=True):  # a failure is the caller's to report, in its words
+            return self._L.llama_state_seq_save_file(self._ctx, os.fsencode(path), seq, arr, len(tokens)) > 0
+
+    def _slot_load(self, seq: int, path, n_tokens: int) -> list[int] | None:
+        arr = (self._L.llama_token * max(1, n_tokens))()
+        count = ctypes.c_size_t(0)
+        with captured_log(quiet=True):
+            n = self._L.llama_state_seq_load_file(self._ctx, os.fsencode(path), seq, arr, n_tokens, ctypes.byref(count))
+        return list(arr[: count.value]) if n > 0 else None
 
     # -- sampling ----------------------------------------------------------------------------
     def check_sampling(self, params: SamplingParams, parse_grammar: bool = False) -> None:
