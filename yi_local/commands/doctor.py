@@ -1,19 +1,33 @@
 """What this machine has (OS, CPU, RAM, GPU, the llama-cpp-python build) and which Yi models fit it, how fast.
 
 The table gives the memory each catalog model needs at each quantization level — weights at the
-level's bits per weight, plus the KV cache at --ctx tokens, plus about 0.3 GiB of buffers — and marks
-what fits in the memory llama.cpp would use: free GPU memory when the build offloads, else free RAM.
-Beside it, the decode speed: memory bandwidth ÷ bytes read per token (decoding is memory-bound). The
-recommendation is the biggest chat model that fits and decodes at 10 tokens/s or more.
+level's bits per weight, plus the KV cache of --ctx tokens (a model's own context where that is shorter)
+at --kv-type (f16 unless told), plus about 0.3 GiB of buffers — and marks what fits in the memory
+llama.cpp would use: free GPU memory when the build offloads, else free RAM. Beside it, the decode
+speed: memory bandwidth ÷ bytes read per token (decoding is memory-bound). The recommendation is the
+biggest chat model that holds --ctx tokens, fits and decodes at 10 tokens/s or more, with the
+`yi-local chat` command that runs it as planned.
+
+Examples:
+  yi-local doctor
+  yi-local doctor --ctx 131072 --kv-type q8_0
+  yi-local doctor --memory 16 --bandwidth 60
 """
 
 from __future__ import annotations
 
 import argparse
 
+from yi_local.kv_types import DEFAULT_KV_TYPE, KV_TYPES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ctx", type=int, default=4096, help="context length to plan the KV cache for (default 4096)")
+    p.add_argument("--ctx", type=int, default=4096, metavar="N",
+                   help="context length in tokens to plan the KV cache for; a model whose own context is shorter "
+                   "is planned at its own (default 4096)")  # fmt: skip
+    p.add_argument("--kv-type", choices=tuple(KV_TYPES), default=DEFAULT_KV_TYPE,
+                   help="KV cache type to plan for, as `run --kv-type`: q8_0 takes 53%% of f16's memory, q4_0 "
+                   f"28%% (default {DEFAULT_KV_TYPE})")  # fmt: skip
     p.add_argument("--memory", type=float, default=None, metavar="GIB",
                    help="plan for this much memory instead of what is free here")  # fmt: skip
     p.add_argument("--bandwidth", type=float, default=None, metavar="GBPS",
@@ -26,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from importlib.metadata import PackageNotFoundError, version
 
     from yi_local.errors import YiLocalError
+    from yi_local.runtime.params import MAX_CTX
 
     if args.memory is not None and not (math.isfinite(args.memory) and 0 < args.memory <= 1 << 20):
         raise YiLocalError(f"--memory is {args.memory:g}; give the GiB to plan for, a positive number",
@@ -34,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
         raise YiLocalError(f"--bandwidth is {args.bandwidth:g}; give the memory bandwidth in GB/s, "
                            "above 0 and at most 100000",
                            hint="e.g. --bandwidth 60, or leave it out to measure it here")  # fmt: skip
-    if args.ctx < 1:
-        raise YiLocalError(f"--ctx is {args.ctx}; it must be at least 1", hint="e.g. --ctx 4096 (the default)")
+    if not 1 <= args.ctx <= MAX_CTX:
+        raise YiLocalError(f"--ctx is {args.ctx}; it must be at least 1 and at most {MAX_CTX}",
+                           hint="e.g. --ctx 4096 (the default), or --ctx 131072 for Yi-Coder's whole context")  # fmt: skip
 
     import psutil
     from rich.console import Console
@@ -44,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
     from yi_local import hardware
     from yi_local.bandwidth import Bandwidth, decode_bandwidth
     from yi_local.catalog import CATALOG
-    from yi_local.fit import DOCTOR_LEVELS, INTERACTIVE_TPS, fits, memory_needed, recommend
+    from yi_local.fit import DOCTOR_LEVELS, INTERACTIVE_TPS, OVERHEAD_BYTES, fits, memory_needed, recommend
+    from yi_local.runtime.params import LoadOptions
     from yi_local.units import GIB, format_size
 
-    console = Console(width=136)  # the table: 8 levels of "20.6 0.9/s ✗" beside the names
+    console = Console(width=144)  # the table: 8 levels of "20.6 0.9/s ✗" beside the longest names
     info = hardware.system_summary()
     vm = psutil.virtual_memory()
     try:
@@ -82,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         budget, where = vm.available, f"{format_size(vm.available)} free RAM"
     speed = "" if bandwidth is None else " and decode speed (tokens/s)"
-    table = Table(title=f"Memory needed (GiB){speed} at ctx {args.ctx}", box=None, header_style="bold",
-                  title_justify="left")  # fmt: skip
+    kv = args.kv_type
+    table = Table(title=f"Memory needed (GiB){speed} at ctx {args.ctx}, KV cache {kv}", box=None,
+                  header_style="bold", title_justify="left")  # fmt: skip
     table.add_column("MODEL")
     table.add_column("PARAMS", justify="right")
     for level in DOCTOR_LEVELS:
@@ -91,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     for entry in CATALOG.values():
         cells = []
         for level in DOCTOR_LEVELS:
-            need = memory_needed(entry, level, args.ctx)
+            need = memory_needed(entry, level, args.ctx, kv)
             gib = f"{need.total / GIB:.1f}"
             if bandwidth is None:
                 cells.append(f"[green]{gib} ✓[/green]" if fits(need, budget) else f"[dim]{gib} ✗[/dim]")
@@ -107,13 +125,25 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     fast = f", decodes at {INTERACTIVE_TPS:g} tok/s or more · ~ fits, decodes slower" if bandwidth else ""
     console.print(f"✓ fits in {where}{fast} · ✗ does not fit", highlight=False)
+    console.print(f"Memory = weights + {kv} KV cache ({_kv_share(kv)}) at ctx {args.ctx}, or at a model's own "
+                  f"context where shorter, + {OVERHEAD_BYTES / GIB:.1f} GiB of buffers.", highlight=False)  # fmt: skip
     if bandwidth is not None:
-        console.print(f"Speed ≈ memory bandwidth ÷ bytes read per token (the weights and the KV cache at ctx "
+        console.print(f"Speed ≈ memory bandwidth ÷ bytes read per token (the weights and the {kv} KV cache at ctx "
                       f"{args.ctx}), with {bandwidth.bytes_per_s / 1e9:.1f} GB/s.", highlight=False)  # fmt: skip
-    best = recommend(list(CATALOG.values()), args.ctx, budget, None if bandwidth is None else bandwidth.bytes_per_s)
+    # A model with a shorter context than asked for is no answer to "what runs --ctx tokens here".
+    longest = max(entry.context for entry in CATALOG.values())
+    holding = [entry for entry in CATALOG.values() if entry.context >= min(args.ctx, longest)]
+    best = recommend(holding, args.ctx, budget, None if bandwidth is None else bandwidth.bytes_per_s, kv)
     console.print()
     if best is None:
-        console.print("Nothing fits: even yi-coder:1.5b at Q2_K needs more memory than is free. Close other programs.")
+        smallest = min(((entry, level) for entry in holding for level in DOCTOR_LEVELS),
+                       key=lambda el: memory_needed(*el, args.ctx, kv).total)  # fmt: skip
+        every = len(holding) == len(CATALOG)
+        what = "Nothing" if every else f"No model that holds {args.ctx} tokens"
+        console.print(f"{what} fits in {where}: the smallest, {smallest[0].name}:{smallest[1].lower()}, needs "
+                      f"{format_size(memory_needed(*smallest, args.ctx, kv).total)}.", highlight=False)  # fmt: skip
+        first = "Close other programs" if args.memory is None else "Plan for more --memory"
+        console.print(f"{first}{_smaller_kv_hint(kv)}{'' if every else ', or plan a smaller --ctx'}.", highlight=False)
         return 0
     name = f"{best.entry.name}:{best.quant.lower()}"
     about = format_size(best.need.total)
@@ -122,8 +152,24 @@ def run(args: argparse.Namespace) -> int:
     if not best.interactive:
         console.print(f"Nothing that fits decodes at {INTERACTIVE_TPS:g} tok/s or more here.")
     label = "Recommended" if best.interactive else "Fastest"
-    console.print(f"{label}: [bold]{name}[/bold] ({about}) — `yi-local chat {name} --pull`", highlight=False)
+    n_ctx = min(args.ctx, best.entry.context)
+    flags = (f" --ctx {n_ctx}" if n_ctx != LoadOptions.n_ctx else "") + (f" --kv-type {kv}" if kv != DEFAULT_KV_TYPE else "")
+    console.print(f"{label}: [bold]{name}[/bold] ({about}) — `yi-local chat {name} --pull{flags}`", highlight=False)
     return 0
+
+
+def _kv_share(kv: str) -> str:
+    """A `kv` cache's size: "2 bytes a value" for f16 and bf16, "53% of f16's" for q8_0."""
+    t, f16 = KV_TYPES[kv], KV_TYPES["f16"]
+    share = t.block_bytes / t.block_values / (f16.block_bytes / f16.block_values)
+    return f"{t.block_bytes // t.block_values} bytes a value" if share == 1 else f"{share:.0%} of f16's"
+
+
+def _smaller_kv_hint(kv: str) -> str:
+    """", or --kv-type q8_0 or q4_0 to shrink the KV cache": the types smaller than `kv`, if any."""
+    per_value = {name: t.block_bytes / t.block_values for name, t in KV_TYPES.items()}
+    smaller = [name for name, size in per_value.items() if size < per_value[kv]]
+    return f", or --kv-type {' or '.join(smaller)} to shrink the KV cache" if smaller else ""
 
 
 def _rate(tps: float) -> str:
