@@ -31,8 +31,8 @@ def resume(backend: Backend, name: str, session: Session) -> str | None:
 
 def save(backend: Backend, name: str, digest: str, max_bytes: int) -> str | None:
     """Save the conversation's KV cache as session `name`'s (its `digest`: the conversation now); a note
-    when it was not saved, None when it was (or the cap is 0: states are off)."""
-    if max_bytes <= 0:
+    when it was not saved, None when it was (or the cap is 0: states are off; or the backend keeps none)."""
+    if max_bytes <= 0 or backend.state_binding() is None:
         return None
     try:
         save_state(backend, state_path(name), max_bytes=max_bytes, bound_to=digest)
