@@ -41,8 +41,8 @@ async def talk(pilot, app, text: str) -> None:
 
 
 async def state_saved(pilot, name: str = "work") -> None:
-    await wait_until(pilot, lambda: meta_path(state_path(name)).exists())
-    await wait_until(pilot, lambda: not pilot.app.workers or all(w.group != "state" for w in pilot.app.workers))
+    await wait_until(pilot, lambda: pilot.app._state_thread is not None and not pilot.app._state_thread.is_alive())
+    assert meta_path(state_path(name)).exists()
 
 
 def fresh_reply(model, conversation: list[dict], n_ctx: int = 512) -> str:

@@ -53,6 +53,8 @@ Loader = Callable[[Callable[[float], None]], Backend]  # called with a progress 
 
 # Warn when a turn leaves less than this share of the context free.
 CONTEXT_WARNING = 0.85
+# Quitting waits this long for the last reply's KV cache to be saved (a 20K-token Yi-6B one is 1.25 GiB).
+STATE_SAVE_WAIT = 60.0
 
 
 class ChatApp(App[None]):
@@ -80,6 +82,7 @@ class ChatApp(App[None]):
         self.cancel: threading.Event | None = None  # set while a reply is generating
         self.max_state_bytes = max_state_bytes
         self._state_notes: set[str] = set()  # said once each
+        self._state_thread: threading.Thread | None = None  # the latest KV cache save
 
     # -- layout ------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -149,15 +152,27 @@ class ChatApp(App[None]):
         if note:
             self.call_from_thread(self.notice, note)
 
-    @work(thread=True, group="state")
     def _save_state(self, name: str, digest: str) -> None:
-        """The KV cache after a reply, saved with session `name` (a long one takes a second or more)."""
-        if self.backend is None:
+        """The KV cache after a reply, saved with session `name` in a thread of its own (a long one takes
+        seconds), after the save before it; quitting waits for it (`on_unmount`), so the last reply's
+        state is not lost."""
+        backend, previous, loop = self.backend, self._state_thread, asyncio.get_running_loop()
+        if backend is None:
             return
-        note = session_state.save(self.backend, name, digest, self.max_state_bytes)
-        if note and note not in self._state_notes:
-            self._state_notes.add(note)
-            self.call_from_thread(self.notice, note)
+
+        def save() -> None:
+            if previous is not None:
+                previous.join()
+            note = session_state.save(backend, name, digest, self.max_state_bytes)
+            if note and note not in self._state_notes:
+                self._state_notes.add(note)
+                try:  # never blocks on the UI: it may be waiting for this thread to end
+                    loop.call_soon_threadsafe(self.notice, note)
+                except RuntimeError:
+                    pass  # the app is gone
+
+        self._state_thread = threading.Thread(target=save, name="yi-local-save-state", daemon=True)
+        self._state_thread.start()
 
     def _loaded(self, backend: Backend) -> None:
         self.backend = backend
@@ -488,5 +503,7 @@ class ChatApp(App[None]):
     def on_unmount(self) -> None:
         if self.cancel is not None:
             self.cancel.set()
+        if self._state_thread is not None:
+            self._state_thread.join(timeout=STATE_SAVE_WAIT)
         if self.session_lock is not None:
             self.session_lock.release()
