@@ -136,13 +136,15 @@ def run(args: argparse.Namespace) -> int:
                                      args.n_gpu_layers, backend_name)  # fmt: skip
         backend = load_backend(model, load_options(args, n_parallel=parallel), backend=backend_name)
         info = backend.info
+        for note in info.notes:  # what loading chose for the user, e.g. a --ctx 0 cut to what fits
+            print(f"yi-local: note: {note}", file=sys.stderr, flush=True)
         app = create_app(backend, api_key=key, cors_origins=args.cors_origin, defaults=defaults, host=args.host,
                          allowed_hosts=args.allow_host, body_seconds=body_seconds, max_queue=args.queue)  # fmt: skip
         sock.listen(2048)  # connections from the moment the banner says so are queued, not refused
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"yi-local: serving {info.name} ({info.quantization}, {info.offload}, ctx {info.n_ctx}, "
-              f"{info.n_parallel} parallel) "
+              f"KV {info.kv_type}, {info.n_parallel} parallel) "
               f"at http://{shown}:{port}/  (OpenAI API at /v1)", file=sys.stderr, flush=True)  # fmt: skip
         http.run(app, sock, header_seconds=header_seconds, on_exit=app.state.scheduler.cancel_all)
     return 0
