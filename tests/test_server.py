@@ -51,7 +51,7 @@ def test_binds_loopback_and_says_so(server):
     lines = iter(proc.stderr.readline, "")
     banner = next(line for line in lines if line.startswith("yi-local: serving"))  # llama.cpp may warn first
     assert banner.strip() == (
-        f"yi-local: serving Yi-Tiny-chat (Q8_0, CPU, ctx 8192, 2 parallel) at http://127.0.0.1:{port}/  (OpenAI API at /v1)"
+        f"yi-local: serving Yi-Tiny-chat (Q8_0, CPU, ctx 8192, KV f16, 2 parallel) at http://127.0.0.1:{port}/  (OpenAI API at /v1)"
     )
     listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == "LISTEN"]
     assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", port)]

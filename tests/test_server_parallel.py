@@ -83,7 +83,7 @@ def test_banner_and_models_report_the_context_per_sequence(server):
     base, proc = server
     port = int(base.rsplit(":", 1)[1])
     banner = next(line for line in iter(proc.stderr.readline, "") if line.startswith("yi-local: serving"))
-    assert banner.strip() == (f"yi-local: serving Yi-Tiny-chat (Q8_0, CPU, ctx 1024, 4 parallel) at "
+    assert banner.strip() == (f"yi-local: serving Yi-Tiny-chat (Q8_0, CPU, ctx 1024, KV f16, 4 parallel) at "
                               f"http://127.0.0.1:{port}/  (OpenAI API at /v1)")  # fmt: skip
     model = httpx.get(f"{base}/v1/models").json()["data"][0]
     assert model["context_length"] == 1024

@@ -118,6 +118,7 @@ class TransformersBackend(Backend):
             gpu_layers=int(config.get("num_hidden_layers", 0)) if self.device.type == "cuda" else 0,
             chat_template=template, bos_token=self.tokenizer.bos_token or "", eos_token=IM_END if im_end in self._eog
             else (self.tokenizer.eos_token or ""),
+            kv_type="bf16" if self.dtype == torch.bfloat16 else "f32", flash_attn="off",
         )  # fmt: skip
         if self._compile:
             self._warm_up()
