@@ -13,6 +13,9 @@ ifneq ($(filter x86_64 amd64 AMD64,$(shell uname -m)),)
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 export CMAKE_ARGS := $(CMAKE_ARGS) -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
 endif
+# llama.cpp's RPC backend (`yi-local worker`, `--rpc`): libggml-rpc beside the other libraries.
+export CMAKE_ARGS := $(CMAKE_ARGS) -DGGML_RPC=ON
+LLAMA_LIB = $(VENV)/lib/python*/site-packages/llama_cpp/lib
 
 .PHONY: install test demo bench lint test-snapshot-update clean
 
@@ -23,10 +26,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 (CPU) is only for the tests that compare with transformers; the GGUF path never needs it.
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' torch==2.13.0
-	# pip's wheel cache ignores CMAKE_ARGS: a wheel cached from an AMX build is removed and rebuilt.
-	if [ -n "$(NO_AMX)" ] && grep -q ggml_backend_amx_buffer_type $(VENV)/lib/python*/site-packages/llama_cpp/lib/libggml-cpu.so*; then \
+	# pip's wheel cache ignores CMAKE_ARGS: a wheel cached from an AMX build, or from one without the RPC
+	# backend, is removed and rebuilt; a build that still lacks either fails here, not in a test.
+	if { [ -n "$(NO_AMX)" ] && grep -q ggml_backend_amx_buffer_type $(LLAMA_LIB)/libggml-cpu.so*; } \
+			|| ! ls $(LLAMA_LIB)/libggml-rpc.* >/dev/null 2>&1; then \
 		$(PY) -m pip cache remove llama_cpp_python; \
-		$(PY) -m pip install -q -c constraints.txt --force-reinstall --no-deps llama-cpp-python; \
+		$(PY) -m pip install -q -c constraints.txt --force-reinstall --no-deps --no-cache-dir llama-cpp-python; \
+		ls $(LLAMA_LIB)/libggml-rpc.* >/dev/null || { echo "llama-cpp-python was built without libggml-rpc" >&2; exit 1; }; \
 	fi
 	touch $(STAMP)
 
@@ -47,6 +53,7 @@ bench: install
 	$(PY) bench/chat_speed.py
 	$(PY) bench/server.py
 	$(PY) bench/quality.py --chunks 16 --quality-chunks 8
+	$(PY) bench/long_context.py
 
 lint: install
 	$(PY) -m pip install -q ruff

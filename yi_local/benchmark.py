@@ -87,6 +87,7 @@ class Setup:
     parallel: list[int]
     kv_type: str = DEFAULT_KV_TYPE
     flash_attn: str = "auto"
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC workers holding layers, on both sides
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class Environment:
     cpu: str
     cores: int
     ram: str
-    gpu_offload: bool  # llama_supports_gpu_offload()
+    gpu_offload: bool  # llama.cpp has a GPU here (an RPC build "supports offload" to workers even without one)
     build: str  # "CPU", "CUDA", "Metal", ...
     devices: list[str] = field(default_factory=list)  # ggml's devices, e.g. "CUDA0: NVIDIA H100 80GB HBM3"
     system_info: str = ""  # llama_print_system_info()
@@ -118,7 +119,7 @@ def environment() -> Environment:
     return Environment(
         yi_local_version=__version__, llama_cpp_python_version=llama_version,
         python_version=platform.python_version(), os=summary["os"], cpu=summary["cpu"],
-        cores=int(summary["cores"]), ram=summary["ram"], gpu_offload=bool(L.llama_supports_gpu_offload()),
+        cores=int(summary["cores"]), ram=summary["ram"], gpu_offload=hardware.llama_gpu_kind() is not None,
         build=hardware.llama_gpu_kind() or "CPU", devices=hardware.llama_devices(),
         system_info=L.llama_print_system_info().decode(errors="replace").strip(),
     )  # fmt: skip
@@ -176,9 +177,15 @@ def _covered(spans: list[tuple[float, float]]) -> float:
 class BareLoop:
     """The baseline: llama-cpp-python's low-level API, decode and native samplers in a plain loop."""
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = 0, vocab_only: bool = False):
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, vocab_only: bool = False, rpc: tuple[str, ...] = ()):
         L = self._L = llama_cpp()
-        self._model = load_model(path, n_gpu_layers, vocab_only)
+        self._devices = None
+        if rpc:  # the same workers as yi-local's side (this process aborts if one dies: it is a benchmark)
+            from yi_local import rpc as rpc_
+
+            workers = rpc_.probe_all([e for text in rpc for e in rpc_.parse_endpoints(text)])
+            self._devices = rpc_.device_array(workers, with_local_gpus=hardware.llama_gpu_kind() is not None)
+        self._model = load_model(path, n_gpu_layers, vocab_only, self._devices)
         self.vocab = L.llama_model_get_vocab(self._model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.generated: list[list[int]] = []  # the last run's tokens, per sequence
@@ -339,7 +346,7 @@ class Bench:
 
     def __init__(self, path: str | Path, n_prompt: int, n_gen: int, parallel: list[int], n_ctx: int,
                  n_threads: int | None, n_batch: int, n_gpu_layers: int | str, seed: int = 0,
-                 kv_type: str = DEFAULT_KV_TYPE, flash_attn: str = "auto"):  # fmt: skip
+                 kv_type: str = DEFAULT_KV_TYPE, flash_attn: str = "auto", rpc: tuple[str, ...] = ()):  # fmt: skip
         if n_gen < MIN_GEN:
             raise YiLocalError(f"-n is {n_gen}; it must be at least {MIN_GEN}",
                                hint="the first token comes with the prompt; generation is timed after it")  # fmt: skip
@@ -353,12 +360,18 @@ class Bench:
         head_dim = meta.n_embd // max(1, meta.n_head)
         check_kv(kv_type, flash_attn, head_dim)
         kv = kv_cache_bytes(meta.n_layers, n_ctx * max(parallel), meta.n_head_kv, head_dim, kv_type)
-        plan = plan_offload(n_gpu_layers, meta.file_size, meta.n_layers, kv, gpu, hardware.gpu_free_bytes(gpu))
+        kind, free = gpu, hardware.gpu_free_bytes(gpu)
+        if rpc:  # the workers' memory joins this machine's GPU's
+            from yi_local import rpc as rpc_
+
+            workers = rpc_.probe_all([e for text in rpc for e in rpc_.parse_endpoints(text)])
+            kind, free = gpu or "RPC", (free or 0) + sum(w.free for w in workers)
+        plan = plan_offload(n_gpu_layers, meta.file_size, meta.n_layers, kv, kind, free)
         self.setup = Setup(
             model=str(path), name=meta.name, quantization=meta.quantization, size_bytes=meta.file_size,
             n_params=meta.n_params, n_prompt=n_prompt, n_gen=n_gen, n_ctx=n_ctx,
             n_threads=n_threads or hardware.cpu_count(), n_batch=n_batch, n_gpu_layers=plan.n_gpu_layers,
-            offload=plan.description, parallel=list(parallel), kv_type=kv_type, flash_attn=flash_attn,
+            offload=plan.description, parallel=list(parallel), kv_type=kv_type, flash_attn=flash_attn, rpc=tuple(rpc),
         )  # fmt: skip
         vocab = BareLoop(path, vocab_only=True)
         try:
@@ -370,7 +383,7 @@ class Bench:
     def yi_local(self, n_parallel: int) -> Speed:
         s = self.setup
         options = LoadOptions(n_gpu_layers=s.n_gpu_layers, n_ctx=s.n_ctx, n_threads=s.n_threads, n_batch=s.n_batch,
-                              n_parallel=n_parallel, kv_type=s.kv_type, flash_attn=s.flash_attn)  # fmt: skip
+                              n_parallel=n_parallel, kv_type=s.kv_type, flash_attn=s.flash_attn, rpc=s.rpc)  # fmt: skip
         backend = load_backend(s.model, options)
         try:
             return engine_run(backend, self._prompts[:n_parallel], s.n_gen, self._no_end)
@@ -379,7 +392,7 @@ class Bench:
 
     def bare(self, n_parallel: int) -> Speed:
         s = self.setup
-        loop = BareLoop(s.model, s.n_gpu_layers)
+        loop = BareLoop(s.model, s.n_gpu_layers, rpc=s.rpc)
         try:
             return loop.run(self._prompts[:n_parallel], s.n_gen, s.n_ctx, s.n_threads, s.n_batch, self._no_end,
                             s.kv_type, s.flash_attn)  # fmt: skip

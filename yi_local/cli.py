@@ -25,6 +25,7 @@ COMMANDS = {
     "doctor": ("doctor", "what this machine has, and which Yi models fit it"),
     "bench": ("bench", "prompt and generation tokens/s of yi-local next to a bare llama-cpp-python loop"),
     "quality": ("quality", "perplexity and KL divergence of quantized GGUFs against a reference"),
+    "worker": ("worker", "lend this machine to a model run elsewhere with --rpc (llama.cpp's RPC server)"),
 }
 
 

@@ -14,3 +14,8 @@ class YiLocalError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message}\n  {self.hint}" if self.hint else self.message
+
+
+class UnavailableError(YiLocalError):
+    """Something the request needs is not there now (a worker machine stopped answering): not the
+    request's fault, and it may work later. The server answers 503."""

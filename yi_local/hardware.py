@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 
+from yi_local.errors import YiLocalError
 from yi_local.units import format_size
 
 
@@ -15,10 +16,21 @@ def cpu_count() -> int:
 
 
 def llama_gpu_kind() -> str | None:
-    """'CUDA', 'Metal', another GPU backend's name, or None for a CPU-only llama.cpp build."""
+    """'CUDA', 'Metal', another GPU backend's name, or None when llama.cpp has no GPU here.
+
+    A build with the RPC backend says it "supports GPU offload" on a CPU-only machine (to workers), so
+    the answer comes from the devices ggml lists on this machine, RPC ones excluded."""
     import llama_cpp
 
     if not llama_cpp.llama_supports_gpu_offload():
+        return None
+    try:
+        from yi_local import rpc
+
+        gpus = [d for d in rpc.local_devices() if d.kind in (rpc.DEVICE_GPU, rpc.DEVICE_IGPU)]
+    except (OSError, AttributeError, YiLocalError):
+        gpus = None  # the registry cannot be read: fall back to the build's description
+    if gpus == []:
         return None
     info = llama_cpp.llama_print_system_info().decode(errors="replace").upper()
     for key, name in (("CUDA", "CUDA"), ("METAL", "Metal"), ("MTL", "Metal"), ("VULKAN", "Vulkan"), ("HIP", "ROCm")):

@@ -40,15 +40,18 @@ def llama_cpp():
     return module
 
 
-def load_model(path: str | os.PathLike[str], n_gpu_layers: int = 0, vocab_only: bool = False):
+def load_model(path: str | os.PathLike[str], n_gpu_layers: int = 0, vocab_only: bool = False, devices=None):
     """A `llama_model` pointer for the GGUF at `path` (-1 GPU layers: all); YiLocalError when llama.cpp refuses it.
 
-    The caller frees it with `llama_model_free`.
+    `devices`: a NULL-terminated device array (yi_local.rpc.device_array), kept alive by the caller.
+    The caller frees the model with `llama_model_free`.
     """
     L = llama_cpp()
     mp = L.llama_model_default_params()
     mp.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
     mp.vocab_only = vocab_only
+    if devices is not None:
+        mp.devices = ctypes.cast(devices, ctypes.c_void_p)
     model = L.llama_model_load_from_file(os.fsencode(path), mp)
     if not model:
         raise YiLocalError(f"llama.cpp could not load {path}", hint="the file may be damaged; convert it again")

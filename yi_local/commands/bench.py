@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     load_options(args)  # flags that cannot go together fail before a pull or a load
     path, _ = resolve_model(args)
     bench = Bench(path, args.n_prompt, args.n_gen, args.parallel, args.ctx, args.threads, args.batch,
-                  args.n_gpu_layers, kv_type=args.kv_type, flash_attn=args.flash_attn)  # fmt: skip
+                  args.n_gpu_layers, kv_type=args.kv_type, flash_attn=args.flash_attn, rpc=args.rpc)  # fmt: skip
     env = environment()
     if not args.json:
         print(_header(env, bench.setup), flush=True)
@@ -108,7 +108,8 @@ def _header(env, setup) -> str:
         f"machine  {env.os} · {env.cpu} · {env.cores} cores · {env.ram} RAM",
         f"setup    prompt {setup.n_prompt} · generate {setup.n_gen} · ctx {setup.n_ctx} per sequence · "
         f"{setup.n_threads} thread{'s' if setup.n_threads != 1 else ''} · batch {setup.n_batch} · offload {setup.offload}",
-        f"         KV cache {setup.kv_type} · flash attention {setup.flash_attn}",
+        f"         KV cache {setup.kv_type} · flash attention {setup.flash_attn}"
+        + (f" · RPC workers {', '.join(setup.rpc)}" if setup.rpc else ""),
         "",
     ])  # fmt: skip
 

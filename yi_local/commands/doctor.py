@@ -6,12 +6,15 @@ at --kv-type (f16 unless told), plus about 0.3 GiB of buffers — and marks what
 llama.cpp would use: free GPU memory when the build offloads, else free RAM. Beside it, the decode
 speed: memory bandwidth ÷ bytes read per token (decoding is memory-bound). The recommendation is the
 biggest chat model that holds --ctx tokens, fits and decodes at 10 tokens/s or more, with the
-`yi-local chat` command that runs it as planned.
+`yi-local chat` command that runs it as planned. With --rpc, each worker is asked for its free memory
+(one serving another client is shown busy, not waited for) and the answering ones' memory joins this
+machine's.
 
 Examples:
   yi-local doctor
   yi-local doctor --ctx 131072 --kv-type q8_0
   yi-local doctor --memory 16 --bandwidth 60
+  yi-local doctor --rpc 192.168.1.20:50052,192.168.1.21:50052
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"28%% (default {DEFAULT_KV_TYPE})")  # fmt: skip
     p.add_argument("--memory", type=float, default=None, metavar="GIB",
                    help="plan for this much memory instead of what is free here")  # fmt: skip
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="llama.cpp RPC workers (`yi-local worker`) whose free memory joins this machine's")
     p.add_argument("--bandwidth", type=float, default=None, metavar="GBPS",
                    help="estimate decode speed with this memory bandwidth in GB/s (what decoding gets, about 60%% "
                         "of a GPU's peak) instead of measuring it or looking the GPU up")  # fmt: skip
@@ -89,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         ("bandwidth", bandwidth.how if bandwidth else f"unknown {f'for this {gpu} GPU' if gpu else 'here'}: "
                                                        "pass --bandwidth GBPS"),
     ]
+    pooled, answering = _workers(args.rpc, rows)
     for key, value in rows:
         console.print(f"[bold]{key:<10}[/bold] {value}", highlight=False)
 
@@ -98,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
         budget, where = free_gpu, f"{format_size(free_gpu)} free on the {gpu} GPU"
     else:
         budget, where = vm.available, f"{format_size(vm.available)} free RAM"
+    if answering:
+        budget += pooled
+        where += f" + {format_size(pooled)} on {len(answering)} worker{'s' if len(answering) > 1 else ''}"
     speed = "" if bandwidth is None else " and decode speed (tokens/s)"
     kv = args.kv_type
     table = Table(title=f"Memory needed (GiB){speed} at ctx {args.ctx}, KV cache {kv}", box=None,
@@ -154,8 +163,32 @@ def run(args: argparse.Namespace) -> int:
     label = "Recommended" if best.interactive else "Fastest"
     n_ctx = min(args.ctx, best.entry.context)
     flags = (f" --ctx {n_ctx}" if n_ctx != LoadOptions.n_ctx else "") + (f" --kv-type {kv}" if kv != DEFAULT_KV_TYPE else "")
+    if answering:
+        flags += " --rpc " + ",".join(str(e) for e in answering)
     console.print(f"{label}: [bold]{name}[/bold] ({about}) — `yi-local chat {name} --pull{flags}`", highlight=False)
     return 0
+
+
+def _workers(text: str | None, rows: list) -> tuple[int, list]:
+    """Probe the --rpc workers, adding a row for each to `rows`; (their free memory, the answering ones)."""
+    if not text:
+        return 0, []
+    from yi_local import rpc
+    from yi_local.units import format_size
+
+    pooled, answering = 0, []
+    for endpoint in rpc.parse_endpoints(text):
+        try:
+            worker = rpc.probe(endpoint, timeout=2.0)
+        except rpc.WorkerError as e:
+            said = e.message.removeprefix(f"the worker {endpoint} ")
+            rows.append(("worker", f"{endpoint}: {'busy' if 'busy' in said else 'unusable'} ({said})"))
+            continue
+        free, total = worker.free, sum(d.total for d in worker.devices)
+        rows.append(("worker", f"{endpoint}: {format_size(free)} free of {format_size(total)}, RPC {worker.version}"))
+        pooled += free
+        answering.append(endpoint)
+    return pooled, answering
 
 
 def _kv_share(kv: str) -> str:

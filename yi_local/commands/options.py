@@ -36,6 +36,16 @@ def _ctx_problem(value: float) -> str | None:
     return None
 
 
+def _rpc(text: str) -> tuple[str, ...]:
+    from yi_local.errors import YiLocalError
+    from yi_local.rpc import parse_endpoints
+
+    try:
+        return tuple(e.llama for e in parse_endpoints(text))
+    except YiLocalError as e:
+        raise argparse.ArgumentTypeError(e.message.removeprefix("--rpc: ")) from None
+
+
 def _gpu_layers(value: str) -> int | str:
     if value == "auto":
         return value
@@ -117,6 +127,9 @@ def add_runtime_args(p: argparse.ArgumentParser, backends: bool = True) -> None:
                    help="CPU threads (default: all cores)")  # fmt: skip
     g.add_argument("--batch", type=limited(LOAD_LIMITS["n_batch"]), default=LOADING.n_batch,
                    help=f"prompt evaluation batch size (default {LOADING.n_batch})")  # fmt: skip
+    g.add_argument("--rpc", type=_rpc, default=(), metavar="HOST:PORT[,HOST:PORT...]",
+                   help="llama.cpp RPC workers (`yi-local worker` on each machine): the model's layers are split "
+                   "across them and this machine by free memory")  # fmt: skip
     g.add_argument("--kv-type", choices=tuple(KV_TYPES), default=LOADING.kv_type,
                    help="KV cache type for keys and values: q8_0 takes 53%% of f16's memory, q4_0 28%%; both need "
                    f"flash attention (default {LOADING.kv_type})")  # fmt: skip
@@ -152,9 +165,14 @@ def load_options(args: argparse.Namespace, on_progress=None, n_parallel: int = 1
     together (--kv-type q8_0 --flash-attn off) fail before a pull, a conversion or a load."""
     options = LoadOptions(n_gpu_layers=args.n_gpu_layers, n_ctx=args.ctx, n_threads=args.threads,
                           n_batch=args.batch, n_parallel=n_parallel, kv_type=args.kv_type,
-                          flash_attn=args.flash_attn, on_progress=on_progress)  # fmt: skip
+                          flash_attn=args.flash_attn, rpc=args.rpc, on_progress=on_progress)  # fmt: skip
     options.validate()
     transformers = args.backend == "transformers" or getattr(args, "precision", None) == "full"
+    if transformers and options.rpc:
+        from yi_local.errors import YiLocalError
+
+        raise YiLocalError("--rpc spreads a GGUF over llama.cpp workers; the transformers backend cannot use them",
+                           hint="leave out --rpc with --precision full / --backend transformers")  # fmt: skip
     if transformers and (options.kv_type != LOADING.kv_type or options.flash_attn != LOADING.flash_attn):
         from yi_local.errors import YiLocalError
 

@@ -10,6 +10,10 @@ def load_backend(model: str, options: LoadOptions | None = None, backend: str = 
     """Open `model` with the named backend (imported lazily: llama_cpp and torch are heavy)."""
     options = options or LoadOptions()
     options.validate()
+    if backend == "llama.cpp" and options.rpc:
+        from yi_local.runtime.supervised import SupervisedBackend
+
+        return SupervisedBackend(model, options)
     if backend == "llama.cpp":
         from yi_local.runtime.llama_cpp_backend import LlamaCppBackend
 

@@ -42,3 +42,20 @@ def errors(lines: list[str]) -> str:
     found = [line.split(": ", 1)[-1].strip() for line in text.splitlines()
              if re.search(r"error|failed|requires|not supported|does not", line, re.IGNORECASE)]  # fmt: skip
     return "; ".join(dict.fromkeys(found))[:400]
+
+
+_LAYER = re.compile(r"load_tensors: layer +(\d+) assigned to device (\S+?),")
+
+
+def layer_split(lines: list[str], labels: dict[str, str] | None = None) -> str | None:
+    """Where llama.cpp put the layers, from its model-loading log: "RPC0[127.0.0.1:50052] 5, RPC1[…] 4,
+    CPU 1 of 10 layers" (counted as llama.cpp counts: the blocks and the output layer; `labels` renames
+    devices); None when it did not say."""
+    devices = [m.group(2) for m in _LAYER.finditer("".join(lines))]
+    if not devices:
+        return None
+    counts: dict[str, int] = {}
+    for device in devices:
+        counts[device] = counts.get(device, 0) + 1
+    labels = labels or {}
+    return ", ".join(f"{labels.get(d, d)} {n}" for d, n in counts.items()) + f" of {len(devices)} layers"

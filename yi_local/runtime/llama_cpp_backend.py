@@ -26,9 +26,10 @@ from yi_local.errors import YiLocalError
 from yi_local.fit import kv_cache_bytes, largest_context
 from yi_local.gguf_header import check_model, model_meta
 from yi_local.kv_types import FLASH_ATTN_IDS, check_kv
-from yi_local.llama_lib import captured_log, llama_cpp, tokenize
+from yi_local.llama_lib import captured_log, llama_cpp
 from yi_local.runtime import context_log
-from yi_local.runtime.backend import Backend, Chunk, GrammarDeadEndError, ModelInfo, utf8
+from yi_local.runtime.backend import Backend, Chunk, GrammarDeadEndError, ModelInfo
+from yi_local.runtime.llama_vocab import LlamaVocab
 from yi_local.runtime.offload import plan_offload
 from yi_local.runtime.params import MIN_CTX, LoadOptions, SamplingParams
 from yi_local.units import format_size
@@ -53,7 +54,7 @@ class _Sampling:
     seconds: float = 0.0  # its work so far in this reply
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(LlamaVocab, Backend):
     def __init__(self, model: str | os.PathLike[str], options: LoadOptions | None = None):
         options = options or LoadOptions()
         path = Path(model)
@@ -73,19 +74,21 @@ class LlamaCppBackend(Backend):
 
         gpu = hardware.llama_gpu_kind()
         gpu_free = hardware.gpu_free_bytes(gpu)
+        devices = self._rpc_devices(options.rpc, gpu)  # None without --rpc
         per_token = kv_cache_bytes(meta.n_layers, 1, meta.n_head_kv, head_dim, kv_type.name) * n_seq
         n_ctx_seq = options.n_ctx
+        shrunk = None  # (budget) when --ctx 0 takes less than the model's own context
         if n_ctx_seq == 0 and meta.context_length > 0:
             # The model's own context, or the most of it that fits here beside the weights.
-            budget = options.memory_budget or hardware.memory_budget(gpu, gpu_free)
+            budget = options.memory_budget if options.memory_budget is not None else hardware.memory_budget(gpu, gpu_free)
             n_ctx_seq = largest_context(meta.context_length, per_token, meta.file_size, budget, MIN_CTX)
             if n_ctx_seq < meta.context_length:
-                notes.append(f"--ctx 0: the model's own context of {meta.context_length:,} tokens needs "
-                             f"{format_size(meta.context_length * per_token)} of {kv_type.name} KV cache, more "
-                             f"than fits in the {format_size(budget)} free here; using {n_ctx_seq:,} tokens "
-                             f"(--kv-type q8_0 or q4_0 holds more)")  # fmt: skip
+                shrunk = budget
+        kind, free = gpu, gpu_free
+        if devices is not None:  # the workers' memory joins this machine's GPU's (or stands in for it)
+            kind, free = gpu or "RPC", (gpu_free or 0) + self._workers_free
         plan = plan_offload(options.n_gpu_layers, meta.file_size, meta.n_layers, (n_ctx_seq or 4096) * per_token,
-                            gpu, gpu_free)  # fmt: skip
+                            kind, free)  # fmt: skip
         logger.info("offload: %s", plan.description)
 
         mparams = L.llama_model_default_params()
@@ -100,10 +103,16 @@ class LlamaCppBackend(Backend):
 
             self._progress_cb = _progress  # keep the ctypes callback alive
             mparams.progress_callback = _progress
+        if devices is not None:
+            mparams.devices = ctypes.cast(devices, ctypes.c_void_p)
         # through the descriptor: the file whose header was just checked, whatever happens to the path
-        self._model = L.llama_model_load_from_file(os.fsencode(f"/dev/fd/{self._model_fd}"), mparams)
+        with captured_log() as load_log:
+            self._model = L.llama_model_load_from_file(os.fsencode(f"/dev/fd/{self._model_fd}"), mparams)
         if not self._model:
             raise YiLocalError(f"llama.cpp could not load {path}", hint="the file may be damaged; convert it again")
+        offload = plan.description
+        if devices is not None:  # what llama.cpp did with the layers, device by device
+            offload = context_log.layer_split(load_log, self._device_labels()) or offload
 
         cparams = L.llama_context_default_params()
         n_train = L.llama_model_n_ctx_train(self._model)
@@ -126,6 +135,12 @@ class LlamaCppBackend(Backend):
                                hint="try a smaller --ctx, or --kv-type f16 / --flash-attn auto")  # fmt: skip
         report = context_log.read_report(log)
         flash = report.flash_attn if report is not None else None
+        if shrunk is not None:
+            smaller = {"f16": "q8_0 or q4_0", "bf16": "q8_0 or q4_0", "q8_0": "q4_0"}.get(kv_type.name)
+            notes.append(f"--ctx 0: the model's own context of {meta.context_length:,} tokens needs "
+                         f"{format_size(meta.context_length * per_token)} of {kv_type.name} KV cache, more than fits "
+                         f"in the {format_size(shrunk)} free here; using {L.llama_n_ctx(self._ctx) // n_seq:,} tokens"
+                         + (f" (--kv-type {smaller} holds more)" if smaller else ""))  # fmt: skip
         self._vocab = L.llama_model_get_vocab(self._model)
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
         self._mem = L.llama_get_memory(self._ctx)
@@ -145,7 +160,7 @@ class LlamaCppBackend(Backend):
             n_ctx=L.llama_n_ctx(self._ctx) // n_seq,
             n_ctx_train=n_train,
             n_layers=meta.n_layers,
-            offload=plan.description,
+            offload=offload,
             backend="llama.cpp",
             chat_template=meta.chat_template,
             bos_token=self.token_bytes(bos, special=True).decode(errors="replace") if bos >= 0 else "",
@@ -157,38 +172,6 @@ class LlamaCppBackend(Backend):
             kv_bytes=report.kv_bytes if report is not None else n_ctx_seq * per_token,
             notes=tuple(notes),
         )
-
-    # -- vocabulary --------------------------------------------------------------------------
-    @property
-    def n_vocab(self) -> int:
-        return self._n_vocab
-
-    @property
-    def add_bos(self) -> bool:
-        return self._add_bos
-
-    def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
-        return tokenize(self._vocab, utf8(text), add_bos, special)
-
-    def token_bytes(self, token: int, special: bool = False) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self._L.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._L.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
-        return buf.raw[:n]
-
-    def is_end_of_generation(self, token: int) -> bool:
-        return bool(self._L.llama_vocab_is_eog(self._vocab, token))
-
-    def special_texts(self) -> frozenset[bytes]:
-        if self._specials is None:
-            n = self._L.llama_vocab_n_tokens(self._vocab)
-            is_control = self._L.llama_vocab_is_control
-            self._specials = frozenset(
-                self.token_bytes(t, special=True) for t in range(n) if is_control(self._vocab, t)
-            ) - {b""}
-        return self._specials
 
     @property
     def n_batch(self) -> int:
@@ -218,6 +201,34 @@ class LlamaCppBackend(Backend):
         if rc != 0:
             raise YiLocalError(f"llama.cpp failed to evaluate {n} token(s) (code {rc})",
                                hint="the memory may be full: lower --ctx or --parallel")  # fmt: skip
+
+    def _rpc_devices(self, endpoints: tuple[str, ...], gpu: str | None):
+        """The NULL-terminated device array for `llama_model_params.devices`: this machine's GPUs, then each
+        worker's devices (kept alive with the model); None without workers. The workers are probed
+        first: llama.cpp aborts the process on one it cannot reach."""
+        self._workers_free = 0
+        if not endpoints:
+            return None
+        from yi_local import rpc
+
+        rpc.require_rpc()
+        workers = rpc.probe_all([rpc.parse_endpoints(e)[0] for e in endpoints])
+        self._workers_free = sum(w.free for w in workers)
+        self._devices = rpc.device_array(workers, with_local_gpus=gpu is not None)
+        return self._devices
+
+    def _device_labels(self) -> dict[str, str]:
+        """"RPC0" -> "RPC0[127.0.0.1:50052]": a worker's device named with its address."""
+        from yi_local import rpc
+
+        g = rpc.ggml()
+        labels = {}
+        for pointer in self._devices or ():
+            if pointer:
+                name = (g.ggml_backend_dev_name(pointer) or b"?").decode(errors="replace")
+                about = (g.ggml_backend_dev_description(pointer) or b"").decode(errors="replace")
+                labels[name] = f"{name}[{about}]" if about and name.startswith("RPC") else name
+        return labels
 
     # -- saved states (yi_local.runtime.kv_state) ---------------------------------------------
     def state_binding(self) -> dict:

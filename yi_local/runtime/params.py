@@ -100,6 +100,7 @@ class LoadOptions:
     kv_type: str = DEFAULT_KV_TYPE  # keys and values: f16, bf16, q8_0, q4_0 (yi_local.kv_types)
     flash_attn: str = "auto"  # auto: llama.cpp's choice for the device (always on for a quantized cache); on; off
     memory_budget: int | None = None  # bytes `n_ctx=0` may plan for (None: what is free here)
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC workers, "host:port": their devices join this machine's
     on_progress: Callable[[float], None] | None = None  # 0..1 while the weights load
 
     def validate(self) -> None:
@@ -117,6 +118,10 @@ class LoadOptions:
             raise ParamError("n_parallel", f"{self.n_parallel} parallel sequences need a batch of at least as many "
                              f"tokens, not {self.n_batch}")  # fmt: skip
         check_kv(self.kv_type, self.flash_attn)
+        if self.rpc:
+            from yi_local.rpc import parse_endpoints
+
+            parse_endpoints(",".join(self.rpc))
 
 
 PARALLEL_GPU, PARALLEL_CPU = 4, 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from yi_local.errors import YiLocalError
+from yi_local.errors import UnavailableError, YiLocalError
 from yi_local.runtime.backend import ContextOverflowError
 from yi_local.runtime.params import ParamError
 
@@ -32,6 +32,8 @@ def from_user_error(e: YiLocalError, prompt_param: str = "messages") -> APIError
         return APIError(400, message, code="context_length_exceeded", param=prompt_param)
     if isinstance(e, ParamError):
         return APIError(400, message, param=e.name)
+    if isinstance(e, UnavailableError):  # not the request's fault: a worker machine is gone
+        return APIError(503, message, "server_error", "unavailable")
     return APIError(400, message)
 
 
