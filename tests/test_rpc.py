@@ -242,3 +242,96 @@ def test_a_worker_stops_on_ctrl_c(tmp_path):
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=10)
     assert proc.returncode == 130 and "Traceback" not in proc.stderr.read()
+
+
+# -- every front end with --rpc ------------------------------------------------------------------
+def test_doctor_pools_the_workers_memory_and_says_busy_without_waiting():
+    with workers(1) as (ports, _), fake_worker(_silent) as busy:
+        closed = free_port()
+        start = time.monotonic()
+        result = run_cli("doctor", "--memory", "4", "--rpc", f"127.0.0.1:{ports[0]},127.0.0.1:{busy},127.0.0.1:{closed}")
+        took = time.monotonic() - start
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert re.search(rf"worker +127\.0\.0\.1:{ports[0]}: [\d.]+ GiB free of [\d.]+ GiB, RPC 7\.0\.0", out), out
+    assert re.search(rf"worker +127\.0\.0\.1:{busy}: busy \(is busy serving another client", out), out
+    assert re.search(rf"worker +127\.0\.0\.1:{closed}: unusable \(refused the connection", out), out
+    assert re.search(r"fits in 4 GiB \(--memory\) \+ [\d.]+ GiB on 1 worker", out), out
+    assert f"--rpc 127.0.0.1:{ports[0]}`" in out  # the recommended command uses the answering worker
+    assert took < 30  # the busy worker is reported after a short wait, not waited for
+
+
+def test_bench_measures_both_sides_through_the_workers(chat_gguf):
+    with workers(2) as (ports, _):
+        rpc_arg = ",".join(f"127.0.0.1:{p}" for p in ports)
+        result = run_cli("bench", str(chat_gguf), "--rpc", rpc_arg, "-p", "8", "-n", "4", "--ctx", "64", "--threads", "1",
+                         "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    import json
+
+    data = json.loads(result.stdout)
+    assert data["setup"]["rpc"] == [f"127.0.0.1:{p}" for p in ports] and data["setup"]["offload"].startswith("RPC")
+    level = data["levels"][0]
+    assert level["yi_local"]["generated_tokens"] == level["bare"]["generated_tokens"] == 3
+
+
+async def test_chat_runs_on_the_workers(chat_gguf):
+    import asyncio
+
+    from yi_local.cli import parse
+    from yi_local.commands.chat import build_app
+
+    with workers(2) as (ports, _):
+        rpc_arg = ",".join(f"127.0.0.1:{p}" for p in ports)
+        args = parse(["chat", str(chat_gguf), "--rpc", rpc_arg, "--ctx", "256", "--threads", "2", "--temperature", "0",
+                      "--max-tokens", "6"])  # fmt: skip
+        app = build_app(args, str(chat_gguf), "llama.cpp")
+        async with app.run_test(size=(80, 24)) as pilot:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while app.backend is None and app.load_error is None:
+                assert loop.time() < deadline, "the model did not load"
+                await pilot.pause(0.05)
+            assert app.load_error is None and app.backend.info.offload.startswith("RPC0[127.0.0.1:")
+            app.send("Hello Yi")
+            deadline = loop.time() + 60
+            while app.generating or len(app.session.messages) < 2:
+                assert loop.time() < deadline, "no reply"
+                await pilot.pause(0.05)
+            reply = app.session.messages[1]["content"]
+            app.backend.close()
+    local = load_backend(str(chat_gguf), LoadOptions(n_ctx=256, n_threads=2))
+    events = local.generate(local.chat_tokens([{"role": "user", "content": "Hello Yi"}]),
+                            SamplingParams(temperature=0, max_tokens=6))  # fmt: skip
+    assert reply == "".join(getattr(e, "text", "") for e in events)
+    local.close()
+
+
+def test_grammars_and_saved_states_work_through_the_child(chat_gguf, tmp_path):
+    from yi_local.runtime.kv_state import load_state, save_state
+
+    with workers(1) as (ports, _):
+        options = LoadOptions(n_ctx=256, n_threads=2, rpc=(f"127.0.0.1:{ports[0]}",))
+        backend = load_backend(str(chat_gguf), options)
+        try:
+            backend.check_sampling(SamplingParams(grammar='root ::= "yes" | "no"'), parse_grammar=True)
+            with pytest.raises(YiLocalError):  # llama.cpp's own parse, in the child, refuses this one
+                backend.check_sampling(SamplingParams(grammar="root ::= root"), parse_grammar=True)
+            params = SamplingParams(temperature=0, max_tokens=8, grammar='root ::= "yes" | "no"')
+            text = "".join(getattr(e, "text", "") for e in backend.generate(backend.text_tokens("Answer:"), params))
+            assert text in ("yes", "no")
+            prompt = backend.text_tokens("A document about the sea. " * 4)
+            list(backend.generate(prompt, SamplingParams(temperature=0, max_tokens=2)))
+            save_state(backend, tmp_path / "doc.kv", keep=len(prompt))
+        finally:
+            backend.close()
+        again = load_backend(str(chat_gguf), options)
+        try:
+            assert load_state(again, tmp_path / "doc.kv").tokens == prompt
+        finally:
+            again.close()
+
+
+def test_rpc_with_the_transformers_backend_is_refused(chat_dir):
+    result = run_cli("run", str(chat_dir), "--precision", "full", "--rpc", "127.0.0.1:50052", "hi")
+    assert result.returncode == 1 and "--rpc spreads a GGUF over llama.cpp workers" in result.stderr
