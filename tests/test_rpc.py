@@ -335,3 +335,45 @@ def test_grammars_and_saved_states_work_through_the_child(chat_gguf, tmp_path):
 def test_rpc_with_the_transformers_backend_is_refused(chat_dir):
     result = run_cli("run", str(chat_dir), "--precision", "full", "--rpc", "127.0.0.1:50052", "hi")
     assert result.returncode == 1 and "--rpc spreads a GGUF over llama.cpp workers" in result.stderr
+
+
+def test_the_model_process_outlives_the_thread_that_started_it_and_not_its_process(chat_gguf, tmp_path):
+    """The chat loads in a worker thread that then ends; the model's process must stay. When the process
+    that started it is killed, it must go (no orphan holding the workers)."""
+    with workers(1) as (ports, _):
+        options = LoadOptions(n_ctx=256, n_threads=2, rpc=(f"127.0.0.1:{ports[0]}",))
+        loaded: dict = {}
+        thread = threading.Thread(target=lambda: loaded.update(backend=load_backend(str(chat_gguf), options)))
+        thread.start()
+        thread.join()
+        backend = loaded["backend"]
+        try:
+            time.sleep(0.5)
+            assert greedy_ids(backend, "Hello Yi")
+        finally:
+            backend.close()
+
+        script = tmp_path / "parent.py"
+        script.write_text(
+            "import sys, time\n"
+            "from yi_local.runtime import LoadOptions, load_backend\n"
+            f"b = load_backend({str(chat_gguf)!r}, LoadOptions(n_ctx=256, rpc=('127.0.0.1:{ports[0]}',)))\n"
+            "print(b._proc.pid, flush=True)\n"
+            "time.sleep(60)\n"
+        )  # fmt: skip
+        parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        child = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(child):
+            assert time.monotonic() < deadline, "the model's process outlived the one that started it"
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

@@ -9,7 +9,6 @@ parent sees the socket close.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
@@ -35,11 +34,10 @@ def error_message(e: BaseException) -> tuple:
 def main(fd: int) -> None:
     from multiprocessing.connection import Connection
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this process ends
-    try:  # and it ends with the parent, whatever kills that (Linux)
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    # The parent decides when this process ends. It ends with the parent too, whatever kills that: the
+    # socket closes and the next receive ends the loop (not PR_SET_PDEATHSIG, which fires when the
+    # parent's *thread* that started this one ends, e.g. the chat's loading thread).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(fd)
     name, model, options = conn.recv()
     assert name == "load"
