@@ -54,6 +54,7 @@ bench: install
 	$(PY) bench/server.py
 	$(PY) bench/quality.py --chunks 16 --quality-chunks 8
 	$(PY) bench/long_context.py
+	$(PY) bench/rpc.py
 
 lint: install
 	$(PY) -m pip install -q ruff
