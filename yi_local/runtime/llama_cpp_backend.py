@@ -212,7 +212,7 @@ class LlamaCppBackend(LlamaVocab, Backend):
         from yi_local import rpc
 
         rpc.require_rpc()
-        workers = rpc.probe_all([rpc.parse_endpoints(e)[0] for e in endpoints])
+        workers = rpc.probe_all([e for text in endpoints for e in rpc.parse_endpoints(text)])
         self._workers_free = sum(w.free for w in workers)
         self._devices = rpc.device_array(workers, with_local_gpus=gpu is not None)
         return self._devices

@@ -102,7 +102,8 @@ class SupervisedBackend(LlamaVocab, Backend):
             self._stop()
             raise
 
-    def _stop(self) -> None:
+    def _stop(self, grace: float = 0.0) -> None:
+        """End the child: at once, or after `grace` seconds for it to close the model itself."""
         conn, proc = self._conn, self._proc
         self._conn = self._proc = None
         if conn is not None:
@@ -111,6 +112,10 @@ class SupervisedBackend(LlamaVocab, Backend):
             except OSError:
                 pass
         if proc is not None:
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
             if proc.poll() is None:
                 proc.terminate()
             try:
@@ -222,7 +227,7 @@ class SupervisedBackend(LlamaVocab, Backend):
                     self._conn.send(("close", ()))
                 except OSError:
                     pass
-            self._stop()
+            self._stop(grace=5.0)
         if self._log is not None:
             self._log.close()
             self._log = None
