@@ -165,9 +165,15 @@ MISMATCHES = {
     "a damaged byte": ({}, _flipped, "damaged (its checksum differs)"),
     "no meta": ({}, lambda s: meta_path(s).unlink(), "no meta file"),
     "a meta that is not JSON": ({}, lambda s: meta_path(s).write_bytes(b"\x00{garbage"), "cannot be read"),
-    "a meta of another shape": ({}, lambda s: meta_path(s).write_text("[1, 2]"), "damaged"),
+    "a meta of another shape": ({}, lambda s: meta_path(s).write_text("[1, 2]"), "cannot be read"),
     "a meta whose flags do not add up": ({}, _meta_edit(lambda m: m.update(generated=[[0, 1]])), "damaged"),
     "a meta whose token count lies": ({}, _meta_edit(_lie_about_tokens), "llama.cpp could not load the state"),
+    # allocating for these would take all the memory there is
+    "a meta claiming 10**12 tokens": ({}, _meta_edit(lambda m: m.update(n_tokens=10**12, generated=[[0, 10**12]])),
+                                      "damaged"),
+    "a meta that is a FIFO": ({}, lambda s: (meta_path(s).unlink(), os.mkfifo(meta_path(s))), "cannot be read"),
+    "a meta linked to /dev/zero": ({}, lambda s: (meta_path(s).unlink(), meta_path(s).symlink_to("/dev/zero")),
+                                   "cannot be read"),
 }
 
 
@@ -229,3 +235,26 @@ def test_nothing_to_save_and_a_generating_slot_are_refused(model, tmp_path):
         save_state(backend, tmp_path / "empty.kv")
     backend.close()
     assert not (tmp_path / "empty.kv").exists()
+
+
+def test_the_model_identity_sees_data_past_the_header(tmp_path):
+    """Two files of one size and mtime (`cp -p` of a fine-tune of the same shape) differ in their identity
+    when their tensor data differs, not only when their first MiB does."""
+    from yi_local.runtime.kv_state import HEAD_BYTES, SAMPLES, model_identity
+
+    size = 64 << 20
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    data = bytearray(os.urandom(size))
+    a.write_bytes(bytes(data))
+    data[size * (SAMPLES // 2) // (SAMPLES + 1)] ^= 1  # one byte, far past the header
+    b.write_bytes(bytes(data))
+    st = a.stat()
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert size * (SAMPLES // 2) // (SAMPLES + 1) > HEAD_BYTES
+    ids = []
+    for path in (a, b):
+        fd = os.open(path, os.O_RDONLY)
+        ids.append(model_identity(fd))
+        os.close(fd)
+    assert ids[0]["size"] == ids[1]["size"] and ids[0]["mtime_ns"] == ids[1]["mtime_ns"]
+    assert ids[0] != ids[1]

@@ -151,7 +151,10 @@ def fake_worker(answer):
             except TimeoutError:
                 continue
             with conn:
-                answer(conn)
+                try:
+                    answer(conn)
+                except OSError:
+                    pass  # the client gave up first
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -172,28 +175,49 @@ def _hello_with_version(major: int):
     return answer
 
 
+def _many_devices(conn: socket.socket) -> None:
+    conn.recv(1 + 8 + 24)
+    conn.sendall(struct.pack("<Q", 28) + bytes([7, 0, 0, 0]) + bytes(24))
+    conn.recv(9)
+    conn.sendall(struct.pack("<QI", 4, 2**32 - 1))  # llama.cpp would trust this, and allocate for each
+    time.sleep(0.2)
+
+
+def _drip(conn: socket.socket) -> None:
+    conn.recv(1 + 8 + 24)
+    for byte in struct.pack("<Q", 28):  # a byte every second: each read is quick, the whole never ends
+        conn.sendall(bytes([byte]))
+        time.sleep(1.0)
+
+
 def _silent(conn: socket.socket) -> None:
     time.sleep(rpc.PROBE_SECONDS + 1)  # busy with another client: no HELLO answer
 
 
-@pytest.mark.parametrize("case", ["unknown host", "closed port", "other version", "busy", "not a worker"])
+@pytest.mark.parametrize("case", ["unknown host", "bad host name", "closed port", "other version", "busy",
+                                  "not a worker", "4 billion devices", "drip"])  # fmt: skip
 def test_addresses_that_cannot_work_are_clear_errors_before_anything_loads(chat_gguf, case):
     closed = free_port()
-    answers = {"other version": _hello_with_version(6), "busy": _silent,
-               "not a worker": lambda c: c.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")}  # fmt: skip
+    answers = {"other version": _hello_with_version(6), "busy": _silent, "4 billion devices": _many_devices,
+               "drip": _drip, "not a worker": lambda c: c.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")}  # fmt: skip
     expected = {
         "unknown host": "has an unknown host name 'no-such-host.invalid'",
         "closed port": f"the worker 127.0.0.1:{closed} refused the connection",
         "other version": "speaks RPC protocol 6.0.0; this yi-local's llama.cpp speaks 7.0.x",
         "busy": "is busy serving another client",
         "not a worker": "is not a llama.cpp RPC worker",
+        "bad host name": "has an unknown host name 'a..b'",
+        "4 billion devices": "claims 4,294,967,295 devices",
+        "drip": "is busy serving another client",  # its HELLO answer never completes within the probe's time
     }[case]
     if case in answers:
         with fake_worker(answers[case]) as port:
             result = run_cli("run", str(chat_gguf), "--rpc", f"127.0.0.1:{port}", "hi")
     else:
-        address = "no-such-host.invalid:50052" if case == "unknown host" else f"127.0.0.1:{closed}"
+        address = {"unknown host": "no-such-host.invalid:50052", "bad host name": "a..b:50052"}.get(case, f"127.0.0.1:{closed}")
+        started = time.monotonic()
         result = run_cli("run", str(chat_gguf), "--rpc", address, "hi")
+        assert time.monotonic() - started < 30
     assert result.returncode == 1 and expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "GGML" not in result.stderr
     assert "yi-local: Yi-Tiny-chat" not in result.stderr  # nothing loaded
@@ -206,7 +230,8 @@ def test_a_worker_that_cannot_listen_and_bad_rpc_flags_are_clear_errors():
     assert result.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     for bad, said in (("localhost", "'localhost' is not HOST:PORT"), ("h:70000", "'h:70000' is not HOST:PORT"),
-                      ("127.0.0.1:1,127.0.0.1:1", "names the worker 127.0.0.1:1 twice")):  # fmt: skip
+                      ("127.0.0.1:1,127.0.0.1:1", "names the worker 127.0.0.1:1 twice"),
+        ("localhost:1,127.0.0.1:1", "names one worker twice: localhost:1 and 127.0.0.1:1 are the same address")):  # fmt: skip
         result = run_cli("run", "model.gguf", "--rpc", bad, "hi")
         assert result.returncode == 1 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
 

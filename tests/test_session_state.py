@@ -160,6 +160,29 @@ async def test_sessions_shows_state_sizes_delete_removes_a_session_with_its_stat
         assert any("more than the 1000 B allowed" in n and "--max-state-size" in n for n in notices(capped))
     assert (sessions_dir() / "small.json").exists() and not state_path("small").exists()
 
+    # a save still waiting when the session is deleted must not leave its state behind
+    import tui.session_state as session_state_module
+
+    real = session_state_module.save_state
+
+    def slow_save(*a, **kw):
+        import time
+
+        time.sleep(1.0)  # a large state on a slow disk
+        return real(*a, **kw)
+
+    session_state_module.save_state = slow_save
+    try:
+        racing = chat_app(chat_gguf, Session(settings=CHAT), name="racing")
+        async with racing.run_test(size=SIZE) as pilot:
+            await ready(pilot)
+            await talk(pilot, racing, "Hello there")
+            await type_and_send(pilot, "/delete racing")
+            await pilot.pause(1.5)
+    finally:
+        session_state_module.save_state = real
+    assert not any(p.name.startswith("racing") for p in sessions_dir().iterdir())
+
     off = chat_app(chat_gguf, Session(settings=CHAT), name="nostate", max_state_bytes=0)
     async with off.run_test(size=SIZE) as pilot:
         await ready(pilot)
@@ -207,6 +230,30 @@ def test_run_prompt_cache_reuses_the_prompt_across_runs(chat_gguf, tmp_path):
     assert _timing(other.stderr) == _timing(plain_2.stderr)  # evaluated in full, and the cache written again
     again = run_cli("run", *common, "--kv-type", "q8_0", "--prompt-cache", str(cache), "Who wrote it?")
     assert "not used" not in again.stderr and _timing(again.stderr) < 5
+
+
+def test_run_prompt_cache_never_overwrites_what_is_not_a_prompt_cache(chat_gguf, tmp_path):
+    import json
+    import os
+
+    logo, logo_meta = tmp_path / "logo.png", tmp_path / "logo.png.meta"  # a Unity asset and its .meta
+    logo.write_bytes(b"PNGDATA")
+    logo_meta.write_text("guid: 1234\n")
+    notes_meta = tmp_path / "notes.meta"
+    notes_meta.write_text("my notes")
+    model = tmp_path / "model.gguf"
+    model.write_bytes(chat_gguf.read_bytes())
+    (tmp_path / "model.gguf.meta").write_text(json.dumps({"binding": {}, "n_tokens": 1}))  # looks like ours
+    fifo = tmp_path / "pipe.kv"
+    os.mkfifo(fifo)
+    for target, said in ((logo, "logo.png.meta exists and is not a prompt cache's"),
+                         (tmp_path / "notes", "notes.meta exists and is not a prompt cache's"),
+                         (model, "is the model file"), (fifo, "is not a regular file")):  # fmt: skip
+        result = run_cli("run", str(model), "--prompt-cache", str(target), "hi", "--max-tokens", "2", timeout=60)
+        assert result.returncode == 1 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert "yi-local: Yi-Tiny-chat" not in result.stderr  # refused before the model loaded
+    assert logo.read_bytes() == b"PNGDATA" and logo_meta.read_text() == "guid: 1234\n"
+    assert notes_meta.read_text() == "my notes" and model.read_bytes() == chat_gguf.read_bytes()
 
 
 def test_run_prompt_cache_refuses_what_it_cannot_use(chat_gguf, tmp_path):

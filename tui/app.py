@@ -83,6 +83,7 @@ class ChatApp(App[None]):
         self.max_state_bytes = max_state_bytes
         self._state_notes: set[str] = set()  # said once each
         self._state_thread: threading.Thread | None = None  # the latest KV cache save
+        self._state_epoch = 0  # /load, /clear, /delete: saves scheduled before them are skipped
 
     # -- layout ------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -157,12 +158,15 @@ class ChatApp(App[None]):
         seconds), after the save before it; quitting waits for it (`on_unmount`), so the last reply's
         state is not lost."""
         backend, previous, loop = self.backend, self._state_thread, asyncio.get_running_loop()
+        epoch = self._state_epoch
         if backend is None:
             return
 
         def save() -> None:
             if previous is not None:
                 previous.join()
+            if epoch != self._state_epoch:  # the model's cache no longer holds that conversation, or it was deleted
+                return
             note = session_state.save(backend, name, digest, self.max_state_bytes)
             if note and note not in self._state_notes:
                 self._state_notes.add(note)
@@ -375,6 +379,7 @@ class ChatApp(App[None]):
     def cmd_clear(self, arg: str) -> None:
         if self.generating:
             raise YiLocalError("a reply is being written: press Esc first")
+        self._state_epoch += 1
         self.session.messages.clear()
         self.log_view.clear_messages()
         self._update_context(0)
@@ -449,6 +454,7 @@ class ChatApp(App[None]):
         if not arg:
             raise YiLocalError("/load needs a name", hint="/sessions lists them")
         lock = self._hold(arg)
+        self._state_epoch += 1
         try:
             session = load_session(arg)
         except YiLocalError:
@@ -479,6 +485,9 @@ class ChatApp(App[None]):
         if not arg:
             raise YiLocalError("/delete needs a name", hint="/sessions lists them")
         lock = self._hold(arg)
+        self._state_epoch += 1
+        if self._state_thread is not None:  # a save already writing must not leave a state without its session
+            self._state_thread.join(timeout=STATE_SAVE_WAIT)
         try:
             if not delete_session(arg):
                 raise YiLocalError(f"there is no session {arg!r}", hint="/sessions lists the saved ones")

@@ -17,6 +17,7 @@ import ctypes
 import re
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from yi_local.errors import UnavailableError, YiLocalError
@@ -25,6 +26,8 @@ WORKER_PORT = 50052  # llama.cpp's rpc-server default
 # The protocol of the bundled llama.cpp (ggml-rpc.h): a worker must have this major version and at most this minor.
 PROTO_MAJOR, PROTO_MINOR = 7, 0
 MAX_WORKERS = 16  # GGML_RPC_MAX_SERVERS
+MAX_DEVICES = 16  # a worker serves the devices it was started with: a few
+MAX_DEVICE_BYTES = 1 << 50  # 1 PiB: anything more is not a device's memory
 PROBE_SECONDS = 5.0
 
 _CMD_GET_DEVICE_MEMORY, _CMD_HELLO, _CMD_DEVICE_COUNT = 11, 14, 15
@@ -84,15 +87,33 @@ def parse_endpoints(text: str) -> list[Endpoint]:
         out.append(endpoint)
     if len(out) > MAX_WORKERS:
         raise YiLocalError(f"--rpc names {len(out)} workers; llama.cpp takes at most {MAX_WORKERS}")
+    _distinct(out)
     return out
+
+
+def _distinct(endpoints: list[Endpoint]) -> None:
+    """YiLocalError when two names reach one worker: it serves one client, so the second connection
+    would wait forever."""
+    seen: dict[tuple, Endpoint] = {}
+    for endpoint in endpoints:
+        try:
+            infos = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            continue  # probe says so, naming it
+        for address in {info[4][:2] for info in infos}:
+            same = seen.setdefault(address, endpoint)
+            if same != endpoint:
+                raise YiLocalError(f"--rpc names one worker twice: {same} and {endpoint} are the same address",
+                                   hint="give each worker once")  # fmt: skip
 
 
 def probe(endpoint: Endpoint, timeout: float = PROBE_SECONDS) -> WorkerInfo:
     """Connect, shake hands and ask for the devices' memory; WorkerError saying what is wrong."""
     hint = f"start it there with `yi-local worker --host 0.0.0.0 --port {endpoint.port}`, or check the address"
+    deadline = time.monotonic() + timeout  # for the whole probe: a worker that drips bytes cannot stall it
     try:
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):
         raise WorkerError(endpoint, f"has an unknown host name {endpoint.host!r}", hint="check the address") from None
     except ConnectionRefusedError:
         raise WorkerError(endpoint, "refused the connection: no worker listens on that port", hint=hint) from None
@@ -103,9 +124,8 @@ def probe(endpoint: Endpoint, timeout: float = PROBE_SECONDS) -> WorkerInfo:
         raise WorkerError(endpoint, f"cannot be reached ({e.strerror or e})", hint=hint) from None
     try:
         with sock:
-            sock.settimeout(timeout)
             try:
-                hello = _call(sock, _CMD_HELLO, bytes(_CAPS_SIZE), 4 + _CAPS_SIZE)
+                hello = _call(sock, _CMD_HELLO, bytes(_CAPS_SIZE), 4 + _CAPS_SIZE, deadline)
             except TimeoutError:
                 raise WorkerError(endpoint, "is busy serving another client (it serves one at a time)",
                                   hint="wait for that client to finish, or start another worker") from None  # fmt: skip
@@ -115,10 +135,14 @@ def probe(endpoint: Endpoint, timeout: float = PROBE_SECONDS) -> WorkerInfo:
                 raise WorkerError(endpoint, f"speaks RPC protocol {version}; this yi-local's llama.cpp speaks "
                                   f"{PROTO_MAJOR}.{PROTO_MINOR}.x",
                                   hint="run the same llama-cpp-python version (the same yi-local) on every machine")  # fmt: skip
-            (count,) = struct.unpack("<I", _call(sock, _CMD_DEVICE_COUNT, b"", 4))
+            (count,) = struct.unpack("<I", _call(sock, _CMD_DEVICE_COUNT, b"", 4, deadline))
+            if count > MAX_DEVICES:  # llama.cpp would trust it, and allocate for each
+                raise _ProtocolError(f"claims {count:,} devices")
             devices = []
-            for i in range(min(count, 64)):
-                free, total = struct.unpack("<QQ", _call(sock, _CMD_GET_DEVICE_MEMORY, struct.pack("<I", i), 16))
+            for i in range(count):
+                free, total = struct.unpack("<QQ", _call(sock, _CMD_GET_DEVICE_MEMORY, struct.pack("<I", i), 16, deadline))
+                if free > total or total > MAX_DEVICE_BYTES:
+                    raise _ProtocolError(f"claims {free:,} bytes free of {total:,}")
                 devices.append(Device(free, total))
     except TimeoutError:
         raise WorkerError(endpoint, f"stopped answering within {timeout:g} s") from None
@@ -138,17 +162,22 @@ class _ProtocolError(Exception):
     pass
 
 
-def _call(sock: socket.socket, cmd: int, data: bytes, expect: int) -> bytes:
+def _call(sock: socket.socket, cmd: int, data: bytes, expect: int, deadline: float) -> bytes:
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
     sock.sendall(struct.pack("<BQ", cmd, len(data)) + data)
-    (size,) = struct.unpack("<Q", _recv(sock, 8))
+    (size,) = struct.unpack("<Q", _recv(sock, 8, deadline))
     if size != expect:
         raise _ProtocolError(f"answered {size} bytes where {expect} were expected")
-    return _recv(sock, size)
+    return _recv(sock, size, deadline)
 
 
-def _recv(sock: socket.socket, n: int) -> bytes:
+def _recv(sock: socket.socket, n: int, deadline: float) -> bytes:
     out = bytearray()
     while len(out) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
         chunk = sock.recv(n - len(out))
         if not chunk:
             raise _ProtocolError("closed the connection")

@@ -71,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
                                hint="give text in UTF-8 (convert it with iconv)") from None  # fmt: skip
     params = sampling_params(args)  # bad flags fail before a model is resolved or loaded
     options = load_options(args)
+    if args.prompt_cache is not None:
+        _check_cache_path(args.prompt_cache)
     model, backend_name = resolve_model(args)
     if args.prompt_cache is not None:
-        _check_cache_path(args.prompt_cache, backend_name)
+        _check_cache_use(args.prompt_cache, model, backend_name)
     backend = load_backend(model, options, backend=backend_name)
     info = backend.info
     print(f"yi-local: {info.name} · {info.quantization} · {info.offload} · ctx {info.n_ctx}", file=sys.stderr)
@@ -105,22 +107,48 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_cache_path(path: Path, backend_name: str) -> None:
-    """Refuse, before the model loads, a --prompt-cache that cannot work."""
+def _check_cache_path(path: Path) -> None:
+    """Refuse, before anything is pulled or loaded, a --prompt-cache that cannot work or would overwrite a
+    file that is not a prompt cache: FILE and FILE.meta must be new, or a cache and its meta."""
+    import stat
+
+    from yi_local.errors import YiLocalError
+    from yi_local.runtime.kv_state import meta_path, read_meta_file
+
+    hint = "give a new file name, e.g. --prompt-cache doc.kv"
+    if path.is_dir():
+        raise YiLocalError(f"--prompt-cache {path} is a folder", hint=hint)
+    if not path.parent.is_dir():
+        raise YiLocalError(f"--prompt-cache {path}: the folder {path.parent} does not exist",
+                           hint="create it, or give a file in an existing folder")  # fmt: skip
+    meta = meta_path(path)
+    for p in (path, meta):
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) and not (p == path and stat.S_ISLNK(st.st_mode)):
+            raise YiLocalError(f"--prompt-cache: {p} exists and is not a regular file", hint=hint)
+    if meta.exists() or meta.is_symlink():
+        try:
+            read_meta_file(meta)
+        except (OSError, ValueError, RecursionError):
+            raise YiLocalError(f"--prompt-cache {path}: {meta} exists and is not a prompt cache's",
+                               hint=hint) from None  # fmt: skip
+    elif path.exists() and path.stat().st_size > 0:  # not one of ours: never overwrite a file the user may care about
+        raise YiLocalError(f"--prompt-cache {path} exists and is not a prompt cache (it has no {meta.name})", hint=hint)
+
+
+def _check_cache_use(path: Path, model: str, backend_name: str) -> None:
+    import os
+
     from yi_local.errors import YiLocalError
 
     if backend_name != "llama.cpp":
         raise YiLocalError("--prompt-cache saves llama.cpp's KV cache; the transformers backend has none to save",
                            hint="leave out --prompt-cache, or run a GGUF")  # fmt: skip
-    if path.is_dir():
-        raise YiLocalError(f"--prompt-cache {path} is a folder", hint="give a file name, e.g. --prompt-cache doc.kv")
-    if path.exists() and not path.with_name(path.name + ".meta").exists() and path.stat().st_size > 0:
-        # not one of ours: never overwrite a file the user may care about
-        raise YiLocalError(f"--prompt-cache {path} exists and is not a prompt cache (it has no {path.name}.meta)",
-                           hint="give a new file name")  # fmt: skip
-    if not path.parent.is_dir():
-        raise YiLocalError(f"--prompt-cache {path}: the folder {path.parent} does not exist",
-                           hint="create it, or give a file in an existing folder")  # fmt: skip
+    if path.exists() and os.path.samefile(path, model):
+        raise YiLocalError(f"--prompt-cache {path} is the model file", hint="give a new file name, e.g. --prompt-cache doc.kv")
 
 
 def _restore(backend, path: Path) -> list[int] | None:

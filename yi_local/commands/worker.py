@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from yi_local.units import format_size
 
     lib = rpc.require_rpc()
+    if not args.host.strip():
+        raise YiLocalError("--host is empty", hint="e.g. --host 127.0.0.1 (this machine only) or --host 0.0.0.0")
     if ":" in args.host:
         raise YiLocalError(f"--host {args.host}: llama.cpp's RPC server takes an IPv4 address or a host name",
                            hint="e.g. --host 0.0.0.0 for every IPv4 interface")  # fmt: skip

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
 FORMAT = 1
 META_SUFFIX = ".meta"
-HEAD_BYTES = 1 << 20  # of the model file, hashed into its identity (the header and the first tensors)
+HEAD_BYTES = 4 << 20  # of the model file, hashed into its identity (the header and the first tensors)
+SAMPLES, SAMPLE_BYTES = 32, 64 << 10  # and these blocks across the rest: 6 MiB read in all
+MAX_META_BYTES = 16 << 20
 DEFAULT_MAX_BYTES = 2 << 30  # states above this are not saved (a 32K-token Yi-6B conversation at f16)
 _CHUNK = 8 << 20
 
@@ -77,10 +79,14 @@ def meta_path(path: Path) -> Path:
 
 
 def model_identity(fd: int) -> dict:
-    """The model file open at `fd`: size, mtime and the sha256 of its first HEAD_BYTES."""
+    """The model file open at `fd`: size, mtime, the sha256 of its first HEAD_BYTES (a Yi GGUF's header
+    alone is about 1.5 MB: its vocabulary) and of SAMPLES blocks spread over the tensor data, so that
+    two files of one size and mtime (`cp -p`, a fine-tune of the same shape) differ here too."""
     st = os.fstat(fd)
-    head = os.pread(fd, HEAD_BYTES, 0)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_sha256": hashlib.sha256(head).hexdigest()}
+    h = hashlib.sha256(os.pread(fd, HEAD_BYTES, 0))
+    for i in range(1, SAMPLES + 1):
+        h.update(os.pread(fd, SAMPLE_BYTES, st.st_size * i // (SAMPLES + 1)))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_sampled": h.hexdigest()}
 
 
 def state_size(path: Path) -> int | None:
@@ -158,7 +164,9 @@ def load_state(backend: Backend, path: Path, seq: int = 0, bound_to: str | None 
         raise StateUnusable(f"the state file is {size:,} bytes, {meta.get('size')!r} were saved (truncated?)")
     if _sha256(path)[0] != meta.get("sha256"):
         raise StateUnusable("the state file is damaged (its checksum differs)")
-    n_tokens = meta.get("n_tokens")
+    n_tokens = meta["n_tokens"]
+    if n_tokens > binding["n_ctx"] or 12 + 4 * n_tokens > size:  # never trust it for a size to allocate
+        raise StateUnusable("its meta file is damaged")
     generated = _flags(meta.get("generated"), n_tokens)
     with backend.engine.idle_slot(seq) as slot:
         if slot is None:
@@ -173,14 +181,31 @@ def load_state(backend: Backend, path: Path, seq: int = 0, bound_to: str | None 
     return Loaded(tokens, size)
 
 
+def read_meta_file(path: Path) -> dict:
+    """The JSON object in the meta file `path`: a regular file (not a FIFO, not /dev/zero) of at most
+    MAX_META_BYTES; FileNotFoundError when there is none, ValueError or OSError when it is not one."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_META_BYTES:
+            raise ValueError("not a regular file of at most 16 MiB")
+        meta = json.loads(f.read(MAX_META_BYTES + 1))
+    if not isinstance(meta, dict) or not isinstance(meta.get("binding"), dict):
+        raise ValueError("not a yi-local state's meta file")
+    return meta
+
+
 def _read_meta(path: Path) -> dict:
     try:
-        meta = json.loads(meta_path(path).read_bytes())
+        meta = read_meta_file(meta_path(path))
     except FileNotFoundError:
         raise StateUnusable("the state has no meta file (saving it was cut short?)") from None
     except (OSError, ValueError, RecursionError) as e:
         raise StateUnusable(f"its meta file cannot be read ({str(e)[:80]})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("n_tokens"), int) or meta["n_tokens"] < 1:
+    n = meta.get("n_tokens")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise StateUnusable("its meta file is damaged")
     return meta
 

@@ -80,7 +80,9 @@ class LlamaCppBackend(LlamaVocab, Backend):
         shrunk = None  # (budget) when --ctx 0 takes less than the model's own context
         if n_ctx_seq == 0 and meta.context_length > 0:
             # The model's own context, or the most of it that fits here beside the weights.
-            budget = options.memory_budget if options.memory_budget is not None else hardware.memory_budget(gpu, gpu_free)
+            budget = options.memory_budget
+            if budget is None:  # free memory here, and on the workers
+                budget = hardware.memory_budget(gpu, gpu_free) + self._workers_free
             n_ctx_seq = largest_context(meta.context_length, per_token, meta.file_size, budget, MIN_CTX)
             if n_ctx_seq < meta.context_length:
                 shrunk = budget
@@ -139,7 +141,7 @@ class LlamaCppBackend(LlamaVocab, Backend):
             smaller = {"f16": "q8_0 or q4_0", "bf16": "q8_0 or q4_0", "q8_0": "q4_0"}.get(kv_type.name)
             notes.append(f"--ctx 0: the model's own context of {meta.context_length:,} tokens needs "
                          f"{format_size(meta.context_length * per_token)} of {kv_type.name} KV cache, more than fits "
-                         f"in the {format_size(shrunk)} free here; using {L.llama_n_ctx(self._ctx) // n_seq:,} tokens"
+                         f"beside the {format_size(meta.file_size)} of weights in the {format_size(shrunk)} free; using {L.llama_n_ctx(self._ctx) // n_seq:,} tokens"
                          + (f" (--kv-type {smaller} holds more)" if smaller else ""))  # fmt: skip
         self._vocab = L.llama_model_get_vocab(self._model)
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)

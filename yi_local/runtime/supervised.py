@@ -35,7 +35,8 @@ from yi_local.runtime.params import LoadOptions, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-START_SECONDS = 600.0  # loading: weights travel to the workers
+FIRST_WORD_SECONDS = 60.0  # until the child's first progress report: it connects to the workers meanwhile
+START_SECONDS = 600.0  # then between reports, while the weights travel to the workers
 STDERR_TAIL = 2000
 
 
@@ -83,9 +84,13 @@ class SupervisedBackend(LlamaVocab, Backend):
         self._conn = Connection(ours.detach())
         try:
             self._conn.send(("load", str(self._path), self._options))
+            wait = FIRST_WORD_SECONDS
             while True:
-                if not self._conn.poll(START_SECONDS):
-                    raise YiLocalError(f"loading the model across the workers took more than {START_SECONDS:g} s")
+                if not self._conn.poll(wait):
+                    raise UnavailableError(f"loading the model across the workers made no progress for {wait:g} s",
+                                           hint="is a worker busy with another client? check each with `yi-local "
+                                           "doctor --rpc ...`")  # fmt: skip
+                wait = START_SECONDS
                 message = self._conn.recv()
                 if message[0] == "progress":
                     if on_progress is not None:
@@ -127,7 +132,12 @@ class SupervisedBackend(LlamaVocab, Backend):
     def _loss(self) -> WorkerLost:
         """What to tell the user when the child has died: the worker that no longer answers, if one does not."""
         proc = self._proc
-        code = proc.poll() if proc is not None else None
+        code = None
+        if proc is not None:
+            try:
+                code = proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
         said = ""
         if self._log is not None:
             try:
@@ -143,12 +153,12 @@ class SupervisedBackend(LlamaVocab, Backend):
                 rpc.probe(endpoint, timeout=2.0)
             except rpc.WorkerError as e:
                 self._lost = e.message
-                return WorkerLost(f"{e.message}; the model is unloaded, and loaded again with the next request once "
-                                  "the worker answers", hint=e.hint)  # fmt: skip
+                return WorkerLost(f"{e.message}; the model was unloaded (it loads again for the next request once the "
+                                  "worker answers)", hint=e.hint)  # fmt: skip
         lines = [line for line in said.splitlines() if line.strip()]
         detail = next((line for line in reversed(lines) if "RPC" in line or "abort" in line.lower()), lines[-1] if lines else "")
         self._lost = f"the model's process ended (exit code {code}){': ' + detail[:200] if detail else ''}"
-        return WorkerLost(self._lost + "; it is started again with the next request")
+        return WorkerLost(self._lost + " (it starts again for the next request)")
 
     def _call(self, name: str, *args):
         with self._io:
