@@ -301,8 +301,7 @@ def test_bench_measures_both_sides_through_the_workers(chat_gguf):
 
 
 async def test_chat_runs_on_the_workers(chat_gguf):
-    import asyncio
-
+    from tests.test_tui import ready, wait_until
     from yi_local.cli import parse
     from yi_local.commands.chat import build_app
 
@@ -312,17 +311,10 @@ async def test_chat_runs_on_the_workers(chat_gguf):
                       "--max-tokens", "6"])  # fmt: skip
         app = build_app(args, str(chat_gguf), "llama.cpp")
         async with app.run_test(size=(80, 24)) as pilot:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 60
-            while app.backend is None and app.load_error is None:
-                assert loop.time() < deadline, "the model did not load"
-                await pilot.pause(0.05)
+            await ready(pilot)
             assert app.load_error is None and app.backend.info.offload.startswith("RPC0[127.0.0.1:")
             app.send("Hello Yi")
-            deadline = loop.time() + 60
-            while app.generating or len(app.session.messages) < 2:
-                assert loop.time() < deadline, "no reply"
-                await pilot.pause(0.05)
+            await wait_until(pilot, lambda: not app.generating and len(app.session.messages) == 2, timeout=60)
             reply = app.session.messages[1]["content"]
             app.backend.close()
     local = load_backend(str(chat_gguf), LoadOptions(n_ctx=256, n_threads=2))
