@@ -98,3 +98,35 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{platform.node()} · {cpu or platform.machine()} · {os.cpu_count()} cores"
+
+
+class OtherLoad:
+    """CPU time other processes took meanwhile (this VM's tests, another benchmark): the machine's busy
+    time less this process's and its children's, living (a supervised model process, RPC workers) or
+    reaped (llama-bench)."""
+
+    def __init__(self) -> None:
+        self.start = self._busy(), self._ours()
+
+    @staticmethod
+    def _busy() -> float:
+        import psutil
+
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+    def _ours(self) -> float:
+        import psutil
+
+        me = psutil.Process()
+        total = 0.0
+        for proc in [me, *me.children(recursive=True)]:  # the workers are children too
+            try:
+                t = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system + t.children_user + t.children_system
+        return total
+
+    def core_seconds(self) -> float:
+        return max(0.0, (self._busy() - self.start[0]) - (self._ours() - self.start[1]))

@@ -38,7 +38,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from common import machine, table
+from common import OtherLoad, machine, table
 from models import tiny_gguf, yi6b_gguf
 
 from yi_local import rpc
@@ -105,37 +105,6 @@ class Workers:
                 proc.wait()
         for log in self.logs:
             log.close()
-
-
-class OtherLoad:
-    """CPU time other processes took meanwhile (this VM's tests, another benchmark): the machine's busy
-    time less this process's, its children's (the supervised child) and the workers'."""
-
-    def __init__(self) -> None:
-        self.start = self._busy(), self._ours()
-
-    @staticmethod
-    def _busy() -> float:
-        import psutil
-
-        t = psutil.cpu_times()
-        return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
-
-    def _ours(self) -> float:
-        import psutil
-
-        me = psutil.Process()
-        total = 0.0
-        for proc in [me, *me.children(recursive=True)]:  # the workers are children too
-            try:
-                t = proc.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += t.user + t.system + t.children_user + t.children_system
-        return total
-
-    def core_seconds(self) -> float:
-        return max(0.0, (self._busy() - self.start[0]) - (self._ours() - self.start[1]))
 
 
 def prompt_and_bans(path: str, n_tokens: int) -> tuple[list[int], dict[int, float]]:
