@@ -23,10 +23,12 @@ throughout (llama.cpp reads a quantized V cache only inside it). Each figure has
      tokens (Finish.timings.evaluated_tokens). Target ≤ 0.1×.
 
     PYTHONPATH=. .venv/bin/python bench/long_context.py [--tiny] [--ctx N] [--depth N] [--gen N]
-        [--resume-tokens N] [--rounds N] [--threads N] [--batch N] [--json PATH]
+        [--resume-tokens N] [--rounds N] [--threads N] [--batch N] [--parts kv,decode,resume] [--json PATH]
 
-About 10 minutes on 2 cores, most of it the six fills of 8,192 tokens. `--tiny` runs everything on the
-tests' tiny model with small sizes in seconds: it checks the script.
+About 45 minutes on a 2-core VM, nearly all of it the six fills of 8,192 tokens (on the CPU llama.cpp fills a
+q8_0 cache about 3× and a q4_0 one about 5× slower than an f16 one); `--parts kv,resume` takes minutes, and a
+smaller --depth cuts the fills about quadratically. `--tiny` runs everything on the tests' tiny model with
+small sizes in seconds: it checks the script.
 """
 
 from __future__ import annotations
@@ -237,11 +239,13 @@ def resume(args, path: Path) -> dict:
                     start = time.perf_counter()
                     if side == "resumed":
                         load_state(backend, state)
+                    load_s = time.perf_counter() - start
                     ttft, tokens, finish = first_token(backend, new, no_end, start)
                 finally:
                     backend.close()
                 evaluated = finish.timings.evaluated_tokens
-                runs[side].append({"ttft_s": ttft, "tokens": tokens, "evaluated_tokens": evaluated})
+                runs[side].append({"ttft_s": ttft, "load_state_s": load_s, "tokens": tokens,
+                                   "evaluated_tokens": evaluated})  # fmt: skip
                 print(f"round {r + 1}: {side:8} time to first token {ttft:.3f} s, {evaluated} tokens evaluated",
                       flush=True)  # fmt: skip
     best = {side: min(x["ttft_s"] for x in runs[side]) for side in runs}
@@ -281,10 +285,11 @@ def report_decode(args, dec: list[dict]) -> str:
 
 
 def report_resume(res: dict) -> str:
-    rows = [["", "time to first token", "tokens evaluated", f"first {CHECK_TOKENS} tokens"]]
+    rows = [["", "time to first token", "of it load_state", "tokens evaluated", f"first {CHECK_TOKENS} tokens"]]
     for side, what in (("resumed", "load_state + generate"), ("afresh", "evaluated afresh")):
         runs = res["runs"][side]
         rows.append([what, " / ".join(f"{x['ttft_s']:.3f} s" for x in runs),
+                     " / ".join(f"{x['load_state_s']:.3f} s" for x in runs) if side == "resumed" else "",
                      " / ".join(str(x["evaluated_tokens"]) for x in runs), " ".join(map(str, runs[0]["tokens"]))])  # fmt: skip
     return (f"resuming a {res['conversation_tokens']:,}-token conversation ({res['kv_type']} cache, state file "
             f"{res['state_bytes'] / MIB:.1f} MiB), new turn of {res['new_turn_tokens']} tokens\n\n{table(rows)}\n\n"
