@@ -115,9 +115,16 @@ def weight_name(raw: bytes) -> str:
 
 
 class _Collector:
-    """The `cb_eval` callback: sums of squared inputs per weight column, in float64."""
+    """The `cb_eval` callback: sums of squared inputs per weight column, in float64.
 
-    def __init__(self) -> None:
+    `last`: the weight of the graph's last collected multiplication (the last layer's ffn_down). Once
+    it is collected the graph is stopped: all that is left is the output norm and the vocabulary-wide
+    output multiplication, whose logits nothing reads (a sixth of the work of an 8-layer Yi-6B; 4.5% of
+    the 32-layer one). llama-imatrix computes them."""
+
+    def __init__(self, last: str | None = None) -> None:
+        self.last = last
+        self.stops = 0  # graphs stopped after `last`
         self.g = ggml()
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
@@ -149,7 +156,11 @@ class _Collector:
                     self._accumulate(name, 1, self._last[1], self._last[2])
                     return False
                 return True
-            self._add(weight_name(src0.name), src0, src1, t.src[1])
+            name = weight_name(src0.name)
+            self._add(name, src0, src1, t.src[1])
+            if name == self.last:
+                self.stops += 1
+                return False  # stop this graph here: ggml's scheduler leaves the rest of it uncomputed
         except BaseException as e:  # an exception must not cross back into C
             self.error = self.error or e
         return True  # False would stop the graph's computation
@@ -231,9 +242,11 @@ class CalibrationText:
 
 
 def compute_imatrix(model: Path, calibration: CalibrationText, threads: int, progress: Progress | None = None,
-                    n_ctx: int = N_CTX, n_batch: int = N_BATCH, max_chunks: int | None = None) -> Imatrix:  # fmt: skip
+                    n_ctx: int = N_CTX, n_batch: int = N_BATCH, max_chunks: int | None = None,
+                    stop_early: bool = True) -> Imatrix:  # fmt: skip
     """The importance matrix of `model` (a GGUF llama.cpp can run) over the calibration text (its first
-    `max_chunks` windows, as llama-imatrix's --chunks)."""
+    `max_chunks` windows, as llama-imatrix's --chunks). `stop_early=False` computes each graph to its
+    end (the logits too), as llama-imatrix does: the same matrix, slower."""
     progress = progress or NullProgress()
     meta = model_meta(check_model(model))
     tokens, bos = text_tokens(model, calibration.text.encode("utf-8"))
@@ -245,9 +258,10 @@ def compute_imatrix(model: Path, calibration: CalibrationText, threads: int, pro
         )
     n_chunks = len(tokens) // n_ctx if max_chunks is None else min(len(tokens) // n_ctx, max_chunks)
     windows = Windows(tokens, n_ctx, n_chunks, bos)
-    collector = _Collector()
+    collector = _Collector(f"blk.{meta.n_layers - 1}.ffn_down.weight" if stop_early else None)
     # Windows as llama-perplexity and llama-imatrix lay them out, on the CPU (the activations are read in
-    # place); logits at every position, as llama-imatrix asks.
+    # place); logits asked at every position, as llama-imatrix asks, so that the last layer runs on every
+    # token (the logits themselves are never computed: see _Collector).
     with LogitsPass(meta, n_ctx, threads, n_gpu_layers=0, n_batch=n_batch, cb_eval=collector.callback) as pass_:
         steps = pass_.run(windows, first=0)
         task = progress.task("importance matrix", n_chunks * n_ctx, unit="tokens")

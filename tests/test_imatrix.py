@@ -81,6 +81,29 @@ def test_entries_are_the_mean_squared_activations(chat_dir, ggufs, calibration, 
         np.testing.assert_allclose(got[name], want, rtol=1e-2, atol=1e-6, err_msg=name)
 
 
+def test_stopping_each_graph_after_the_last_layer_changes_nothing(ggufs, calibration, matrix, monkeypatch):
+    """The graph stops after the last layer's ffn_down (the logits are never computed), once per ubatch;
+    the matrix is bit for bit the one computed with every graph run to its end, as llama-imatrix runs it."""
+    import converters.imatrix as imatrix
+
+    made = []
+
+    class Counting(imatrix._Collector):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(imatrix, "_Collector", Counting)
+    whole = compute_imatrix(ggufs["f32"], calibration, threads=2, n_ctx=N_CTX, n_batch=N_BATCH, stop_early=False)
+    early = compute_imatrix(ggufs["f32"], calibration, threads=2, n_ctx=N_CTX, n_batch=N_BATCH)
+    tokens = matrix.chunk_count * N_CTX
+    assert [c.stops for c in made] == [0, -(-tokens // N_BATCH)]  # one ubatch (the whole batch) per llama_decode
+    assert sorted(early.entries) == sorted(whole.entries) == sorted(matrix.entries)
+    for name, entry in whole.entries.items():
+        np.testing.assert_array_equal(early.entries[name].sums, entry.sums, err_msg=name)
+        np.testing.assert_array_equal(early.entries[name].counts, entry.counts, err_msg=name)
+
+
 def test_llama_cpp_gguf_parser_reads_the_saved_matrix(matrix, tmp_path):
     """The file, read by llama.cpp's own GGUF parser as common_imatrix_load reads it, holds the same numbers."""
     path = tmp_path / "m.imatrix.gguf"
