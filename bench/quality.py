@@ -10,7 +10,7 @@ On the Yi-6B-shaped model (8 layers, synthetic weights) in the same run:
   3. the quality table of the tests' trained tiny model (tests/trained.py) at Q2_K, Q2_K + imatrix, IQ2_M,
      Q3_K_M, Q4_K_M and Q8_0 against its F16.
 
-    PYTHONPATH=. .venv/bin/python bench/quality.py [--model yi6b|tiny] [--chunks N] [--quality-chunks N]
+    PYTHONPATH=. .venv/bin/python bench/quality.py [--model yi6b|tiny] [--chunks N] [--quality-chunks N] [--rounds N]
                                                     [--skip-table] [--json PATH]
 """
 
@@ -48,17 +48,20 @@ def quantized(f16: Path, quant: str, extra: list[str] = (), suffix: str = "") ->
     return path
 
 
-def imatrix_race(f16: Path, tmp: Path, threads: int, chunks: int | None) -> dict:
+def imatrix_race(f16: Path, tmp: Path, threads: int, chunks: int | None, rounds: int) -> dict:
     ours_out, theirs_out = tmp / "ours.imatrix.gguf", tmp / "theirs.imatrix.gguf"
     code = ("import sys; from pathlib import Path; from converters.imatrix import compute_imatrix; "
             "from converters.importance import read_calibration; from converters.imatrix_file import write_imatrix; "
             f"write_imatrix(Path({str(ours_out)!r}), compute_imatrix(Path({str(f16)!r}), read_calibration(None), {threads}, "
             f"max_chunks={chunks}))")  # fmt: skip
-    ours = measure([PY, "-c", code], env={"PYTHONPATH": str(REPO)})
     exe = str(llama_tool("llama-imatrix"))
     base = [exe, "-m", str(f16), "-f", str(TEXTS / "calibration.txt"), "-t", str(threads), *_chunks(chunks)]
-    theirs_noppl = measure([*base, "-o", str(theirs_out), "--no-ppl"])
-    theirs = measure([*base, "-o", str(tmp / "theirs-ppl.imatrix.gguf")])
+    runs: dict[str, list] = {"ours": [], "noppl": [], "ppl": []}
+    for _ in range(rounds):  # alternating, so that the VM's drift reaches every side alike; the best of each
+        runs["ours"].append(measure([PY, "-c", code], env={"PYTHONPATH": str(REPO)}))
+        runs["noppl"].append(measure([*base, "-o", str(theirs_out), "--no-ppl"]))
+        runs["ppl"].append(measure([*base, "-o", str(tmp / "theirs-ppl.imatrix.gguf")]))
+    ours, theirs_noppl, theirs = (min(runs[k], key=lambda m: m.seconds) for k in ("ours", "noppl", "ppl"))
     a, b = read_imatrix(ours_out), read_imatrix(theirs_out)
     na, nb = a.normalized(), b.normalized()
     rel = max(float(np.abs(na[k] - nb[k]).max() / np.abs(nb[k]).max()) for k in nb)
@@ -74,6 +77,7 @@ def imatrix_race(f16: Path, tmp: Path, threads: int, chunks: int | None) -> dict
         "entries": [len(na), len(nb)], "chunks": [a.chunk_count, b.chunk_count], "max_rel_diff": rel,
         "llama_quantize_read_it": "load_imatrix: loaded" in q.stdout and (tmp / "iq.gguf").is_file(),
         "llama_quantize_says": next((line for line in q.stdout.splitlines() if "load_imatrix: loaded" in line), ""),
+        "rounds_s": {k: [m.seconds for m in v] for k, v in runs.items()},
     }  # fmt: skip
 
 
@@ -81,15 +85,18 @@ def _chunks(chunks: int | None) -> list[str]:
     return [] if chunks is None else ["--chunks", str(chunks)]
 
 
-def quality_race(f16: Path, q4: Path, tmp: Path, threads: int, chunks: int | None) -> dict:
+def quality_race(f16: Path, q4: Path, tmp: Path, threads: int, chunks: int | None, rounds: int) -> dict:
     text = str(TEXTS / "heldout.txt")
-    ours = measure([PY, "-m", "yi_local", "quality", str(q4), "--ref", str(f16), "--threads", str(threads), "--json",
-                    *_chunks(chunks)], env={"PYTHONPATH": str(REPO)})  # fmt: skip
     exe = str(llama_tool("llama-perplexity"))
     kld = tmp / "base.kld"
     common = ["-f", text, "-t", str(threads), "--kl-divergence-base", str(kld), *_chunks(chunks)]
-    base = measure([exe, "-m", str(f16), *common])
-    kl = measure([exe, "-m", str(q4), *common, "--kl-divergence"])
+    mine, theirs = [], []
+    for _ in range(rounds):  # alternating; the best of each
+        mine.append(measure([PY, "-m", "yi_local", "quality", str(q4), "--ref", str(f16), "--threads", str(threads),
+                             "--json", *_chunks(chunks)], env={"PYTHONPATH": str(REPO)}))  # fmt: skip
+        theirs.append((measure([exe, "-m", str(f16), *common]), measure([exe, "-m", str(q4), *common, "--kl-divergence"])))
+    ours = min(mine, key=lambda m: m.seconds)
+    base, kl = min(theirs, key=lambda pair: pair[0].seconds + pair[1].seconds)
     theirs_s = base.seconds + kl.seconds
     report = json.loads(ours.stdout)
     keys = {"Mean PPL(Q)": "ppl", "Mean    KLD": "kld_mean", "99.0%   KLD": "kld_p99", "Same top p": "top1"}
@@ -104,6 +111,7 @@ def quality_race(f16: Path, q4: Path, tmp: Path, threads: int, chunks: int | Non
         "yi_local_s": ours.seconds, "yi_local_rss_mb": ours.peak_rss_mb,
         "llama_perplexity_s": theirs_s, "llama_perplexity_rss_mb": max(base.peak_rss_mb, kl.peak_rss_mb),
         "ratio": ours.seconds / theirs_s, "yi_local_report": report, "compared": compared,
+        "rounds_s": {"yi_local": [m.seconds for m in mine], "llama_perplexity": [a.seconds + b.seconds for a, b in theirs]},
     }  # fmt: skip
 
 
@@ -132,6 +140,7 @@ def main() -> None:
     p.add_argument("--chunks", type=int, help="only the first N windows of the calibration text, for both tools "
                    "(the whole text: ~14 min a run for the F16 model on 2 cores)")
     p.add_argument("--quality-chunks", type=int, help="only the first N windows of the held-out text, for both tools")
+    p.add_argument("--rounds", type=int, default=1, help="alternate the tools this many times, the best of each")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     print(machine(), flush=True)
@@ -148,19 +157,21 @@ def main() -> None:
     figures: dict = {"model": f16.name, "machine": machine()}
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         figures["chunks"], figures["quality_chunks"] = args.chunks, args.quality_chunks
-        im = figures["imatrix"] = imatrix_race(f16, Path(tmp), args.threads, args.chunks)
+        im = figures["imatrix"] = imatrix_race(f16, Path(tmp), args.threads, args.chunks, args.rounds)
         print(table([["importance matrix", "time s", "peak RSS MB", "yi-local ÷ it"],
                      ["yi-local", f"{im['yi_local_s']:.1f}", f"{im['yi_local_rss_mb']:.0f}", ""],
                      ["llama-imatrix", f"{im['llama_imatrix_s']:.1f}", f"{im['llama_imatrix_rss_mb']:.0f}", f"{im['ratio']:.2f}×"],
                      ["llama-imatrix --no-ppl", f"{im['llama_imatrix_noppl_s']:.1f}", f"{im['llama_imatrix_noppl_rss_mb']:.0f}",
                       f"{im['ratio_noppl']:.2f}×"]]), flush=True)  # fmt: skip
+        print("rounds, s: " + "; ".join(f"{k} {' / '.join(f'{x:.1f}' for x in v)}" for k, v in im["rounds_s"].items()))
         print(f"entries {im['entries']}, windows {im['chunks']}, max relative difference {im['max_rel_diff']:.2e}; "
               f"llama-quantize --imatrix read yi-local's file: {im['llama_quantize_read_it']} ({im['llama_quantize_says']})", flush=True)  # fmt: skip
-        qa = figures["quality"] = quality_race(f16, q4, Path(tmp), args.threads, args.quality_chunks)
+        qa = figures["quality"] = quality_race(f16, q4, Path(tmp), args.threads, args.quality_chunks, args.rounds)
         print(table([["quality (KL mode)", "time s", "peak RSS MB", "yi-local ÷ it"],
                      ["yi-local quality", f"{qa['yi_local_s']:.1f}", f"{qa['yi_local_rss_mb']:.0f}", ""],
                      ["llama-perplexity (base + kld)", f"{qa['llama_perplexity_s']:.1f}", f"{qa['llama_perplexity_rss_mb']:.0f}",
                       f"{qa['ratio']:.2f}×"]]), flush=True)  # fmt: skip
+        print("rounds, s: " + "; ".join(f"{k} {' / '.join(f'{x:.1f}' for x in v)}" for k, v in qa["rounds_s"].items()))
         print(table([["figure of Q4_K_M", "yi-local", "llama-perplexity"],
                      *[[k, f"{a:.6f}", f"{b:.6f}"] for k, (a, b) in qa["compared"].items()]]), flush=True)  # fmt: skip
         if not args.skip_table:
