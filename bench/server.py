@@ -228,6 +228,11 @@ class Load:
         return mean((r.tokens - 1) / (r.last - r.first) for r in self.replies)
 
     @property
+    def score(self) -> float:
+        """What the best round is chosen by: one client's decode speed, else the aggregate speed."""
+        return self.per_client if self.clients == 1 else self.aggregate
+
+    @property
     def ttft(self) -> list[float]:
         return [r.first - r.sent for r in self.replies]
 
@@ -329,10 +334,10 @@ def main() -> int:
     by: dict[tuple[str, str], Load] = {}
     for _, x in measured:
         key = x.server, x.name
-        score = (lambda load: load.per_client) if x.clients == 1 else (lambda load: load.aggregate)
-        if key not in by or score(x) > score(by[key]):
+        if key not in by or x.score > by[key].score:
             by[key] = x
     best = list(by.values())
+    rounds_by = [{(x.server, x.name): x for q, x in measured if q == r} for r in range(args.rounds)]
     p, n = args.parallel, max(args.clients)
     prompt_tokens = mean(r.prompt_tokens for _, load in measured for r in load.replies)
     print(f"\n{machine()} · {model.name} · {args.threads} threads, batch {args.batch}, context {CTX} per sequence "
@@ -341,8 +346,7 @@ def main() -> int:
           f"{args.rounds} rounds, best of each · other processes' CPU meanwhile {other:.1f} core-s\n")  # fmt: skip
     rows = [["server", "load", "aggregate tok/s", "per-client tok/s", "TTFT mean s", "TTFT max s", "wall s", "rounds"]]
     for x in best:
-        rounds = [f"{y.per_client if y.clients == 1 else y.aggregate:.2f}" for _, y in measured
-                  if (y.server, y.name) == (x.server, x.name)]  # fmt: skip
+        rounds = [f"{r[x.server, x.name].score:.2f}" for r in rounds_by]
         rows.append([x.server, x.name, f"{x.aggregate:.2f}", f"{x.per_client:.2f}", f"{mean(x.ttft):.2f}",
                      f"{max(x.ttft):.2f}", f"{x.wall:.1f}", " / ".join(rounds)])  # fmt: skip
     if bare:
@@ -357,8 +361,7 @@ def main() -> int:
         print(f"speed-up of {n} concurrent clients over {n} serial requests (aggregate tok/s, best rounds): "
               + ", ".join(f"{s} {v:.2f}×" for s, v in speedup.items()))  # fmt: skip
         for s in servers:
-            per_round = [by_round[s, f"{n} clients"].aggregate / by_round[s, f"{n} serial"].aggregate
-                         for by_round in ({(x.server, x.name): x for q, x in measured if q == r} for r in range(args.rounds))]  # fmt: skip
+            per_round = [r[s, f"{n} clients"].aggregate / r[s, f"{n} serial"].aggregate for r in rounds_by]
             print(f"  {s}, round by round: {' / '.join(f'{v:.2f}×' for v in per_round)}")
         if len(speedup) == 2:
             ours, theirs = speedup[label["yi-local"]], speedup["llama-server"]
