@@ -143,6 +143,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="alternate the tools this many times, the best of each")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     print(machine(), flush=True)
     if args.model == "yi6b":
         folder = yi6b_checkpoint(8)
