@@ -91,5 +91,5 @@ class ScriptedBackend(Backend):
             start = time.monotonic()
             yield TextDelta(word + (" " if i < len(words) - 1 else ""), (i,))
             self.yield_waits.append(time.monotonic() - start)
-        yield Finish(reason, Usage(len(prompt), n), Timings(len(prompt), 0.05, n, n / 25.0, 0.06))
+        yield Finish(reason, Usage(len(prompt), n), Timings(len(prompt), 0.05, n, max(n - 1, 0) / 25.0, 0.06))
         self.finished_at = time.monotonic()

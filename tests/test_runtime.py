@@ -10,7 +10,7 @@ import pytest
 
 from converters.convert import convert
 from yi_local.errors import YiLocalError
-from yi_local.runtime import Finish, LoadOptions, SamplingParams, TextDelta, load_backend
+from yi_local.runtime import Finish, LoadOptions, SamplingParams, TextDelta, Timings, load_backend
 from yi_local.runtime.backend import ContextOverflowError
 from yi_local.runtime.reply import StopMatcher
 
@@ -65,6 +65,16 @@ def test_logit_bias_forcing_im_end_stops_with_no_text(backend):
     text, ids, finish = collect(backend.generate(prompt, SamplingParams(max_tokens=20, logit_bias={7: 100.0})))
     assert (text, ids, finish.reason, finish.stop_text) == ("", [], "stop", "<|im_end|>")
     assert finish.usage.completion_tokens == 0 and finish.timings.sampled_tokens == 1
+    assert finish.timings.generate_tps == 0.0  # one token, from the prompt's evaluation: no generation step
+
+
+def test_generation_speed_counts_the_steps_after_the_first_token():
+    """The first token comes with the prompt: n tokens sampled in `generate_s` are n - 1 steps (llama.cpp's
+    count), so a 2-token reply is not reported at twice its speed."""
+    assert Timings(10, 1.0, 5, 2.0, 0.5).generate_tps == 2.0
+    assert Timings(10, 1.0, 2, 0.25, 0.5).generate_tps == 4.0
+    assert Timings(10, 1.0, 1, 0.0, 0.5).generate_tps == 0.0
+    assert Timings(0, 0.0, 0, 0.0, 0.0).generate_tps == 0.0
 
 
 def test_max_tokens_gives_length(backend):

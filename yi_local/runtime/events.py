@@ -44,7 +44,11 @@ class Timings:
 
     @property
     def generate_tps(self) -> float:
-        return self.sampled_tokens / self.generate_s if self.generate_s > 0 else 0.0
+        """Tokens per second of generation: the first sampled token comes from the prompt's evaluation, so
+        `generate_s` (from the prompt's end to the last token) holds the steps for the other
+        `sampled_tokens - 1`, as llama.cpp's own eval counts have it (0 with fewer than two)."""
+        steps = self.sampled_tokens - 1
+        return steps / self.generate_s if steps > 0 and self.generate_s > 0 else 0.0
 
 
 @dataclass(frozen=True)
