@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import REPO, run_cli
@@ -129,11 +130,25 @@ def test_serve_answers_an_error_for_the_lost_worker_stays_up_and_recovers(chat_g
             stop(procs[0])
             lost = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
             assert lost.status_code >= 500 and f"127.0.0.1:{ports[0]}" in lost.json()["error"]["message"], lost.text
-            assert httpx.get(f"{base}/health", timeout=10).status_code == 200 and server.poll() is None
+            health = httpx.get(f"{base}/health", timeout=10)
+            assert health.status_code == 200 and server.poll() is None  # monitors still reach it
+            assert health.json()["status"] == "degraded" and health.json()["model_loaded"] is False
+            assert f"127.0.0.1:{ports[0]}" in health.json()["reason"], health.text
             procs[0] = start_worker(ports[0])
             again = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
             assert again.status_code == 200
             assert again.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
+            assert httpx.get(f"{base}/health", timeout=10).json()["status"] == "ok"
+            # The model's process killed while idle: /health says so before any request finds out.
+            child = next(c for c in psutil.Process(server.pid).children() if "engine_child" in " ".join(c.cmdline()))
+            child.kill()  # the server reaps it (/health's own check does)
+            deadline = time.monotonic() + 10
+            while (health := httpx.get(f"{base}/health", timeout=10).json())["model_loaded"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert (health["status"], health["model_loaded"]) == ("degraded", False), health
+            assert "exit code -9" in health["reason"], health
+            assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).status_code == 200
+            assert httpx.get(f"{base}/health", timeout=10).json()["model_loaded"] is True
 
 
 @contextmanager

@@ -55,7 +55,8 @@ def test_binds_loopback_and_says_so(server):
     )
     listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == "LISTEN"]
     assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", port)]
-    assert httpx.get(f"{base}/health").json()["status"] == "ok"
+    health = httpx.get(f"{base}/health").json()
+    assert (health["status"], health["model_loaded"]) == ("ok", True) and "reason" not in health
 
 
 def test_models_list(client):

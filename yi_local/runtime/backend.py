@@ -159,6 +159,10 @@ class Backend(ABC):
         """Tokens one step may evaluate."""
         return 512
 
+    def unavailable(self) -> str | None:
+        """Why the model cannot answer now, with what happens next; None when it can (/health says so)."""
+        return None
+
     def reset(self) -> None:
         """Empty the KV cache of every slot that is not generating."""
         self.engine.reset()

@@ -173,6 +173,17 @@ class SupervisedBackend(LlamaVocab, Backend):
             return message[1]
         raise _rebuilt(message)
 
+    def unavailable(self) -> str | None:
+        """Known without asking the workers: the child was lost at a call, or has ended since its last one.
+        (A worker that stops while nothing runs is found at the next call, which probes them all.)"""
+        proc = self._proc
+        if self._conn is None or proc is None:
+            return self._lost or "the model's process is not running (it starts again for the next request)"
+        code = proc.poll()
+        if code is not None:
+            return f"the model's process ended (exit code {code}; it starts again for the next request)"
+        return None
+
     def _restart(self) -> None:
         """A fresh child, once no other request runs: the workers are probed first (an error naming one
         that does not answer fails this request), and every slot's record of its cache is cleared."""
@@ -190,7 +201,14 @@ class SupervisedBackend(LlamaVocab, Backend):
     def n_batch(self) -> int:
         return self._n_batch
 
+    def _let_go_if_ended(self) -> None:
+        """A child that ended while nothing ran is let go before a request uses it, so that request starts
+        a fresh one instead of failing on the closed socket."""
+        if self._conn is not None and self._proc is not None and self._proc.poll() is not None:
+            self._loss()
+
     def _slot_truncate(self, seq: int, keep: int) -> int:
+        self._let_go_if_ended()
         if self._conn is None:
             return 0  # nothing is cached in a process that is gone
         return self._call("_slot_truncate", seq, keep)
@@ -199,6 +217,7 @@ class SupervisedBackend(LlamaVocab, Backend):
         self._call("_decode", batch)
 
     def _begin_sampling(self, seq: int, params: SamplingParams, prompt: list[int]) -> None:
+        self._let_go_if_ended()
         if self._conn is None:
             self._restart()
         self._call("_begin_sampling", seq, params, prompt)

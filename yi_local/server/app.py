@@ -166,9 +166,13 @@ def create_app(
     # -- routes --------------------------------------------------------------------------------
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        busy = scheduler.busy
-        return {"status": "ok", "model": info.name, "busy": busy > 0, "queued": scheduler.queued,
+        busy, down = scheduler.busy, backend.unavailable()
+        body = {"status": "ok" if down is None else "degraded", "model": info.name, "model_loaded": down is None,
+                "busy": busy > 0, "queued": scheduler.queued,
                 "slots": {"total": scheduler.slots, "busy": busy, "idle": scheduler.slots - busy}}  # fmt: skip
+        if down is not None:
+            body["reason"] = down
+        return body
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request):
