@@ -12,7 +12,9 @@ import pytest
 
 from tests.conftest import run_cli
 from yi_local import __version__
-from yi_local.benchmark import BAN, BareLoop, _covered, prompts_for
+from yi_local.benchmark import BAN, BareLoop, Bench, _covered, prompts_for
+from yi_local.fit import HEADROOM, OVERHEAD_BYTES, kv_cache_bytes, largest_context
+from yi_local.errors import YiLocalError
 from yi_local.gguf_header import check_model, model_meta
 from yi_local.runtime import LoadOptions, SamplingParams, TextDelta, load_backend
 
@@ -134,3 +136,22 @@ def test_time_covered_by_spans():
 def test_help_lists_bench():
     proc = run_cli("--help")
     assert "bench" in proc.stdout
+
+
+def test_ctx_0_takes_the_most_of_the_models_own_context_that_fits_as_run_does(chat_gguf):
+    """--ctx 0 is the model's own context where its KV cache fits (for the most sequences measured), else
+    the largest that does, planned as `run --ctx 0` plans it; said in the setup line."""
+    meta = model_meta(check_model(chat_gguf))
+    per_token = kv_cache_bytes(meta.n_layers, 1, meta.n_head_kv, meta.n_embd // meta.n_head) * 4
+    roomy = Bench(chat_gguf, 12, 4, [1, 4], 0, 1, 512, 0, memory_budget=64 << 30).setup
+    assert (roomy.n_ctx, roomy.ctx_note) == (meta.context_length, "the model's own: --ctx 0")
+    # Free memory whose usable part holds the weights and 2.5k tokens for each of 4 sequences: 2048 of them.
+    budget = int((OVERHEAD_BYTES + meta.file_size + 2560 * per_token) / HEADROOM) + 1
+    expected = largest_context(meta.context_length, per_token, meta.file_size, budget, 64)
+    assert expected == 2048 < meta.context_length
+    tight = Bench(chat_gguf, 12, 4, [1, 4], 0, 1, 512, 0, memory_budget=budget).setup
+    assert tight.n_ctx == expected
+    assert f"the most of the model's own {meta.context_length:,} that fits" in tight.ctx_note
+    assert "at --parallel 4" in tight.ctx_note
+    with pytest.raises(YiLocalError, match=f"of {expected} tokens per sequence \\(--ctx 0: the most of"):
+        Bench(chat_gguf, expected, 4, [1, 4], 0, 1, 512, 0, memory_budget=budget)

@@ -27,12 +27,14 @@ from typing import Callable
 
 from yi_local import __version__, hardware
 from yi_local.errors import YiLocalError
-from yi_local.fit import kv_cache_bytes
+from yi_local.fit import kv_cache_bytes, largest_context
 from yi_local.gguf_header import check_model, model_meta
 from yi_local.kv_types import DEFAULT_KV_TYPE, FLASH_ATTN_IDS, KV_TYPES, check_kv
 from yi_local.llama_lib import llama_cpp, load_model
 from yi_local.runtime import Finish, LoadOptions, SamplingParams, TextDelta, load_backend
 from yi_local.runtime.offload import plan_offload
+from yi_local.runtime.params import MIN_CTX
+from yi_local.units import format_size
 
 MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
 MIN_GEN = 2  # the first token comes from the prompt's evaluation; generation is timed from it on
@@ -88,6 +90,7 @@ class Setup:
     kv_type: str = DEFAULT_KV_TYPE
     flash_attn: str = "auto"
     rpc: tuple[str, ...] = ()  # llama.cpp RPC workers holding layers, on both sides
+    ctx_note: str = ""  # how --ctx 0 was settled ("" when --ctx was given)
 
 
 @dataclass(frozen=True)
@@ -346,32 +349,46 @@ class Bench:
 
     def __init__(self, path: str | Path, n_prompt: int, n_gen: int, parallel: list[int], n_ctx: int,
                  n_threads: int | None, n_batch: int, n_gpu_layers: int | str, seed: int = 0,
-                 kv_type: str = DEFAULT_KV_TYPE, flash_attn: str = "auto", rpc: tuple[str, ...] = ()):  # fmt: skip
+                 kv_type: str = DEFAULT_KV_TYPE, flash_attn: str = "auto", rpc: tuple[str, ...] = (),
+                 memory_budget: int | None = None):  # fmt: skip
+        """`memory_budget`: the free bytes `n_ctx=0` may plan for (None: what is free here, as `run`)."""
         if n_gen < MIN_GEN:
             raise YiLocalError(f"-n is {n_gen}; it must be at least {MIN_GEN}",
                                hint="the first token comes with the prompt; generation is timed after it")  # fmt: skip
         meta = model_meta(check_model(path))  # a damaged file is named here, before llama.cpp sees it
-        why = ""
-        if n_ctx == 0:
-            n_ctx, why = meta.context_length, " (the model's own: --ctx 0)"
-        check_fit(n_prompt, n_gen, n_ctx, why)
-        # One offload plan for every level and both sides, made for the largest KV cache measured.
         gpu = hardware.llama_gpu_kind()
         head_dim = meta.n_embd // max(1, meta.n_head)
         check_kv(kv_type, flash_attn, head_dim)
-        kv = kv_cache_bytes(meta.n_layers, n_ctx * max(parallel), meta.n_head_kv, head_dim, kv_type)
-        kind, free = gpu, hardware.gpu_free_bytes(gpu)
+        gpu_free = hardware.gpu_free_bytes(gpu)
+        kind, free, workers_free = gpu, gpu_free, 0
         if rpc:  # the workers' memory joins this machine's GPU's
             from yi_local import rpc as rpc_
 
             workers = rpc_.probe_all([e for text in rpc for e in rpc_.parse_endpoints(text)])
-            kind, free = gpu or "RPC", (free or 0) + sum(w.free for w in workers)
+            workers_free = sum(w.free for w in workers)
+            kind, free = gpu or "RPC", (free or 0) + workers_free
+        ctx_note = ""
+        if n_ctx == 0:  # the model's own context, or the most of it that fits, as `run --ctx 0` takes it
+            n_ctx = meta.context_length
+            ctx_note = "the model's own: --ctx 0"
+            if meta.context_length > 0:
+                per_token = kv_cache_bytes(meta.n_layers, 1, meta.n_head_kv, head_dim, kv_type) * max(parallel)
+                if memory_budget is None:
+                    memory_budget = hardware.memory_budget(gpu, gpu_free) + workers_free
+                n_ctx = largest_context(meta.context_length, per_token, meta.file_size, memory_budget, MIN_CTX)
+                if n_ctx < meta.context_length:
+                    ctx_note = (f"--ctx 0: the most of the model's own {meta.context_length:,} that fits beside "
+                                     f"the weights in {format_size(memory_budget)} free at --parallel {max(parallel)}")  # fmt: skip
+        check_fit(n_prompt, n_gen, n_ctx, f" ({ctx_note})" if ctx_note else "")
+        # One offload plan for every level and both sides, made for the largest KV cache measured.
+        kv = kv_cache_bytes(meta.n_layers, n_ctx * max(parallel), meta.n_head_kv, head_dim, kv_type)
         plan = plan_offload(n_gpu_layers, meta.file_size, meta.n_layers, kv, kind, free)
         self.setup = Setup(
             model=str(path), name=meta.name, quantization=meta.quantization, size_bytes=meta.file_size,
             n_params=meta.n_params, n_prompt=n_prompt, n_gen=n_gen, n_ctx=n_ctx,
             n_threads=n_threads or hardware.cpu_count(), n_batch=n_batch, n_gpu_layers=plan.n_gpu_layers,
             offload=plan.description, parallel=list(parallel), kv_type=kv_type, flash_attn=flash_attn, rpc=tuple(rpc),
+            ctx_note=ctx_note,
         )  # fmt: skip
         vocab = BareLoop(path, vocab_only=True)
         try:

@@ -106,7 +106,8 @@ def _header(env, setup) -> str:
         f"build    {build}",
         f"         {env.system_info}",
         f"machine  {env.os} · {env.cpu} · {env.cores} cores · {env.ram} RAM",
-        f"setup    prompt {setup.n_prompt} · generate {setup.n_gen} · ctx {setup.n_ctx} per sequence · "
+        f"setup    prompt {setup.n_prompt} · generate {setup.n_gen} · ctx {setup.n_ctx} per sequence"
+        f"{f' ({setup.ctx_note})' if setup.ctx_note else ''} · "
         f"{setup.n_threads} thread{'s' if setup.n_threads != 1 else ''} · batch {setup.n_batch} · offload {setup.offload}",
         f"         KV cache {setup.kv_type} · flash attention {setup.flash_attn}"
         + (f" · RPC workers {', '.join(setup.rpc)}" if setup.rpc else ""),
