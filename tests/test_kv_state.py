@@ -237,6 +237,33 @@ def test_nothing_to_save_and_a_generating_slot_are_refused(model, tmp_path):
     assert not (tmp_path / "empty.kv").exists()
 
 
+def test_the_saved_state_is_read_back_and_synced_with_the_model_free_for_other_slots(model, tmp_path, monkeypatch):
+    """Only llama.cpp's write holds the engine's step lock: hashing and syncing a state of hundreds of MB
+    would stall every other slot's stream."""
+    from yi_local import atomic
+    from yi_local.runtime import kv_state
+
+    backend = load_backend(str(model), options())
+    reply(backend, TURN_1)
+    lock = backend.engine._step_lock
+    held = {}
+    sha256, fsync = kv_state._sha256, atomic.os.fsync
+
+    def hashing(path):
+        held["hash"] = lock.locked()
+        return sha256(path)
+
+    def syncing(fd):
+        held.setdefault("sync", lock.locked())
+        return fsync(fd)
+
+    monkeypatch.setattr(kv_state, "_sha256", hashing)
+    monkeypatch.setattr(atomic.os, "fsync", syncing)
+    saved = save_state(backend, tmp_path / "talk.kv")
+    backend.close()
+    assert held == {"hash": False, "sync": False} and saved.size == (tmp_path / "talk.kv").stat().st_size > 0
+
+
 def test_the_model_identity_sees_data_past_the_header(tmp_path):
     """Two files of one size and mtime (`cp -p` of a fine-tune of the same shape) differ in their identity
     when their tensor data differs, not only when their first MiB does."""

@@ -117,26 +117,26 @@ def save_state(backend: Backend, path: Path, max_bytes: int = DEFAULT_MAX_BYTES,
     if binding is None:
         raise StateUnusable(f"the {backend.info.backend} backend cannot save its KV cache")
     path = Path(path)
-    with backend.engine.idle_slot(seq) as slot:
-        if slot is None:
-            raise SlotBusy()
-        if keep is not None and keep < len(slot.cache):
-            keep = backend._slot_truncate(seq, keep)
-            slot.cache, slot.generated = slot.cache[:keep], slot.generated[:keep]
-        tokens, generated = list(slot.cache), list(slot.generated)
-        if not tokens:
-            raise StateUnusable("there is nothing to save")
-        size = backend._slot_state_size(seq)
-        if size > max_bytes:
-            raise StateTooLarge(f"the state would take {format_size(size)}, more than the {format_size(max_bytes)} "
-                                "allowed")  # fmt: skip
-        with atomic_output(path, force=True) as tmp:
+    with atomic_output(path, force=True) as tmp:
+        with backend.engine.idle_slot(seq) as slot:  # the other slots' steps wait meanwhile
+            if slot is None:
+                raise SlotBusy()
+            if keep is not None and keep < len(slot.cache):
+                keep = backend._slot_truncate(seq, keep)
+                slot.cache, slot.generated = slot.cache[:keep], slot.generated[:keep]
+            tokens, generated = list(slot.cache), list(slot.generated)
+            if not tokens:
+                raise StateUnusable("there is nothing to save")
+            size = backend._slot_state_size(seq)
+            if size > max_bytes:
+                raise StateTooLarge(f"the state would take {format_size(size)}, more than the "
+                                    f"{format_size(max_bytes)} allowed")  # fmt: skip
             free = _free_bytes(path.parent)
             if free is not None and free < 2 * size:  # leave room: a full disk hurts more than a slow resume
                 raise StateUnusable(f"the state takes {format_size(size)} and {format_size(free)} are free")
             if not backend._slot_save(seq, tmp, tokens):
                 raise StateUnusable("llama.cpp could not write the state")
-            digest, written = _sha256(tmp)
+        digest, written = _sha256(tmp)  # read back with the model free: the other slots generate meanwhile
     meta = {"binding": binding, "size": written, "sha256": digest, "n_tokens": len(tokens),
             "tokens_sha256": _tokens_sha256(tokens), "generated": _runs(generated), "bound_to": bound_to}  # fmt: skip
     write_atomic(meta_path(path), json.dumps(meta, indent=1))
