@@ -5,6 +5,9 @@ small screen model for what Textual writes. Same model, greedy, 400-token replie
 gets ten turns; at turns 1, 5 and 10 it is compared with `run` given the same conversation, run just
 before and just after the chat's reply while the chat waits idle, and averaged: both sides see the machine
 as it is at that moment (a separate process cannot reuse the chat's KV cache, so `run` evaluates all of it).
+With --repeats N the chat writes each compared reply N times (the first, then /retry: greedy, so the same
+text from the same cache), each between two runs, and the median of the N ratios is compared: one reply
+against two runs moves by a few percent on a busy VM.
 
 Per turn: the generator's tokens/s (the runtime's own figure: the chat's status line, `run
 --verbose-timings`), the time from Enter until the whole reply is on the screen (chat) or from the
@@ -26,6 +29,7 @@ import os
 import pty
 import re
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -258,10 +262,11 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "yi_local", *args]
 
 
-def chat(model: Path, turns: list[int], threads: int, env: dict[str, str]) -> dict[int, tuple[Turn, Turn]]:
+def chat(model: Path, turns: list[int], threads: int, env: dict[str, str], repeats: int = 1) -> dict[int, Compared]:
     """The chat's ten turns; at each of `turns`, `run` given the same conversation just before and just
-    after the chat's reply (the chat waits idle meanwhile), so both sides see the same machine. Per turn:
-    (chat, run with its speeds averaged over the two runs)."""
+    after the chat's reply (the chat waits idle meanwhile), so both sides see the same machine; with
+    `repeats` > 1 the chat writes that reply again (/retry: greedy, the same text from the same cache)
+    and `run` follows each time. Per turn: each chat reply with the two runs around it."""
     session = f"bench-{model.stem}"
     term = Terminal(command("chat", str(model), "--temperature", "0", "--max-tokens", str(REPLY_TOKENS),
                             "--ctx", str(CTX), "--threads", str(threads), "--session", session), env)  # fmt: skip
@@ -286,16 +291,52 @@ def chat(model: Path, turns: list[int], threads: int, env: dict[str, str]) -> di
         messages = json.loads((Path(env["YI_LOCAL_HOME"]) / "sessions" / f"{session}.json").read_text())["messages"]
         _check_screen(turn, messages, term.screen)
         if before is not None:
-            after = run(model, prompt, threads, env)
-            results[turn] = Turn(tps, done - sent, done - first, context_before), mean(before, after)
+            runs = [before, run(model, prompt, threads, env)]
+            chats = [Turn(tps, done - sent, done - first, context_before)]
+            for _ in range(repeats - 1):
+                chats.append(_retry(term, message, context_before))
+                _check_screen(turn, messages, term.screen)
+                runs.append(run(model, prompt, threads, env))
+            results[turn] = Compared(chats, runs)
     term.write(b"\x11")  # Ctrl+Q
     term.finish()
     return results
 
 
+def _retry(term: Terminal, message: str, context_before: int) -> Turn:
+    """/retry: the last reply written again, timed as a turn."""
+    status = lambda s: s.line(0)  # noqa: E731
+    term.write(b"/retry")
+    term.wait(lambda s: any("/retry" in line for line in s.lines()), what="/retry typed")
+    term.settle(0.2)
+    sent = term.write(b"\r")
+    term.wait(lambda s: "writing" in status(s), what="the retry started")  # the conversation redrawn first
+    first = term.wait(lambda s: _reply_visible(s, message), what="the retried reply's first text")
+    done = term.wait(lambda s: "tok/s" in status(s) and "writing" not in status(s), what="the retried reply finished")
+    tps = float(re.search(r"([\d.]+) tok/s", status(term.screen)).group(1))
+    term.settle()
+    return Turn(tps, done - sent, done - first, context_before)
+
+
 def mean(a: Turn, b: Turn) -> Turn:
     return Turn((a.tps + b.tps) / 2, (a.to_screen_s + b.to_screen_s) / 2, (a.streaming_s + b.streaming_s) / 2,
                 a.context)
+
+
+@dataclass
+class Compared:
+    """A turn's chat replies, and the runs around them: runs[i] just before chats[i], runs[i + 1] just after."""
+
+    chats: list[Turn]
+    runs: list[Turn]
+
+    def pairs(self) -> list[tuple[Turn, Turn]]:
+        """Each chat reply with the mean of the two runs around it."""
+        return [(c, mean(self.runs[i], self.runs[i + 1])) for i, c in enumerate(self.chats)]
+
+    def ratio(self, of) -> float:
+        """The median over the replies of chat ÷ run for `of(chat, run)`."""
+        return statistics.median(of(c, r) for c, r in self.pairs())
 
 
 def _finished(status: str, context_before: str) -> bool:
@@ -356,23 +397,36 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", choices=("tiny", "yi6b"), default=["tiny", "yi6b"])
     ap.add_argument("--turns", type=int, nargs="+", default=[1, 5, 10], help="turns compared with run")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="chat replies per compared turn (the first, then /retry), each between two runs; the "
+                         "median ratio is compared")  # fmt: skip
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     found = models(args.models)
     print(f"\n{machine()} · {args.threads} threads · greedy {REPLY_TOKENS}-token replies · terminal {COLS}×{ROWS}")
     for name, model in found.items():
         with tempfile.TemporaryDirectory() as home:
             env = {"YI_LOCAL_HOME": home, "HF_HUB_OFFLINE": "1", "TERM": "xterm-256color"}
-            measured = chat(model, sorted(set(args.turns)), args.threads, env)
+            measured = chat(model, sorted(set(args.turns)), args.threads, env, args.repeats)
             rows = [["turn", "context (chat/run)", "tok/s run", "tok/s chat", "×",
                      "Enter→on screen: chat (s)", "run (s)", "first→last on screen: chat (s)", "run (s)", "×"]]  # fmt: skip
+            if args.repeats > 1:
+                rows[0].append("tok/s × by reply")
             speeds, screens = [], []
             for turn in sorted(set(args.turns)):
-                c, r = measured[turn]
-                speeds.append(c.tps / r.tps)
-                screens.append(r.streaming_s / c.streaming_s)
+                m = measured[turn]
+                c = Turn(*(statistics.mean(getattr(t, f) for t in m.chats) for f in ("tps", "to_screen_s", "streaming_s")),
+                         m.chats[0].context)  # fmt: skip
+                r = Turn(*(statistics.mean(getattr(t, f) for t in m.runs) for f in ("tps", "to_screen_s", "streaming_s")),
+                         m.runs[0].context)  # fmt: skip
+                speeds.append(m.ratio(lambda c, r: c.tps / r.tps))
+                screens.append(m.ratio(lambda c, r: r.streaming_s / c.streaming_s))
                 rows.append([str(turn), f"{c.context}/{r.context}", f"{r.tps:.1f}", f"{c.tps:.1f}", f"{speeds[-1]:.2f}",
                              f"{c.to_screen_s:.3f}", f"{r.to_screen_s:.3f}", f"{c.streaming_s:.3f}",
                              f"{r.streaming_s:.3f}", f"{screens[-1]:.2f}"])  # fmt: skip
+                if args.repeats > 1:
+                    rows[-1].append(" / ".join(f"{c.tps / r.tps:.2f}" for c, r in m.pairs()))
         print(f"\n{model.name}\n")
         print(table(rows))
         print(f"chat / run, lowest over turns {', '.join(map(str, args.turns))}: tokens/s {min(speeds):.2f}×, "
