@@ -7,7 +7,9 @@ before and just after the chat's reply while the chat waits idle, and averaged: 
 as it is at that moment (a separate process cannot reuse the chat's KV cache, so `run` evaluates all of it).
 With --repeats N the chat writes each compared reply N times (the first, then /retry: greedy, so the same
 text from the same cache), each between two runs, and the median of the N ratios is compared: one reply
-against two runs moves by a few percent on a busy VM.
+against two runs moves by a few percent on a busy VM. Then the tok/s and seconds columns are means (the
+chat's Enter→on screen its first reply's: a retry's message is in the cache already) and the × columns
+the medians of the replies' ratios, each printed.
 
 Per turn: the generator's tokens/s (the runtime's own figure: the chat's status line, `run
 --verbose-timings`), the time from Enter until the whole reply is on the screen (chat) or from the
@@ -274,6 +276,7 @@ def chat(model: Path, turns: list[int], threads: int, env: dict[str, str], repea
     term.wait(lambda s: f"ctx 0/{CTX}" in status(s), what="the model loaded")
     term.settle()
     results, used, messages = {}, 0, []
+    session_file = Path(env["YI_LOCAL_HOME"]) / "sessions" / f"{session}.json"
     for turn in range(1, max(turns) + 1):
         message = user_message(turn)
         prompt = "\n\n".join([m["content"] for m in messages] + [message])
@@ -288,13 +291,14 @@ def chat(model: Path, turns: list[int], threads: int, env: dict[str, str], repea
         tps = float(re.search(r"([\d.]+) tok/s", line).group(1))
         context_before, used = used, int(re.search(r"ctx (\d+)/", line).group(1))
         term.settle()
-        messages = json.loads((Path(env["YI_LOCAL_HOME"]) / "sessions" / f"{session}.json").read_text())["messages"]
+        messages = json.loads(session_file.read_text())["messages"]
         _check_screen(turn, messages, term.screen)
         if before is not None:
             runs = [before, run(model, prompt, threads, env)]
             chats = [Turn(tps, done - sent, done - first, context_before)]
             for _ in range(repeats - 1):
                 chats.append(_retry(term, message, context_before))
+                messages = json.loads(session_file.read_text())["messages"]  # a near tie may change the text
                 _check_screen(turn, messages, term.screen)
                 runs.append(run(model, prompt, threads, env))
             results[turn] = Compared(chats, runs)
@@ -321,6 +325,11 @@ def _retry(term: Terminal, message: str, context_before: int) -> Turn:
 def mean(a: Turn, b: Turn) -> Turn:
     return Turn((a.tps + b.tps) / 2, (a.to_screen_s + b.to_screen_s) / 2, (a.streaming_s + b.streaming_s) / 2,
                 a.context)
+
+
+def average(turns: list[Turn]) -> Turn:
+    return Turn(*(statistics.mean(getattr(t, f) for t in turns) for f in ("tps", "to_screen_s", "streaming_s")),
+                turns[0].context)  # fmt: skip
 
 
 @dataclass
@@ -416,10 +425,8 @@ def main() -> int:
             speeds, screens = [], []
             for turn in sorted(set(args.turns)):
                 m = measured[turn]
-                c = Turn(*(statistics.mean(getattr(t, f) for t in m.chats) for f in ("tps", "to_screen_s", "streaming_s")),
-                         m.chats[0].context)  # fmt: skip
-                r = Turn(*(statistics.mean(getattr(t, f) for t in m.runs) for f in ("tps", "to_screen_s", "streaming_s")),
-                         m.runs[0].context)  # fmt: skip
+                c, r = average(m.chats), average(m.runs)
+                c.to_screen_s = m.chats[0].to_screen_s  # a retry's message is in the cache already: the first's
                 speeds.append(m.ratio(lambda c, r: c.tps / r.tps))
                 screens.append(m.ratio(lambda c, r: r.streaming_s / c.streaming_s))
                 rows.append([str(turn), f"{c.context}/{r.context}", f"{r.tps:.1f}", f"{c.tps:.1f}", f"{speeds[-1]:.2f}",

@@ -155,3 +155,6 @@ def test_ctx_0_takes_the_most_of_the_models_own_context_that_fits_as_run_does(ch
     assert "at --parallel 4" in tight.ctx_note
     with pytest.raises(YiLocalError, match=f"of {expected} tokens per sequence \\(--ctx 0: the most of"):
         Bench(chat_gguf, expected, 4, [1, 4], 0, 1, 512, 0, memory_budget=budget)
+    proc = run_cli("bench", str(chat_gguf), "-p", "12", "-n", "4", "--ctx", "0", "--parallel", "1", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"ctx {meta.context_length} per sequence (the model's own: --ctx 0) · 1 thread" in proc.stdout

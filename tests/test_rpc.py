@@ -147,7 +147,11 @@ def test_serve_answers_an_error_for_the_lost_worker_stays_up_and_recovers(chat_g
                 time.sleep(0.05)
             assert (health["status"], health["model_loaded"]) == ("degraded", False), health
             assert "exit code -9" in health["reason"], health
-            assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).status_code == 200
+            # The next request (one with a grammar, which the child checks before it starts) gets a fresh child.
+            yes_no = httpx.post(f"{base}/v1/chat/completions", json={**body, "grammar": 'root ::= "yes" | "no"'},
+                                timeout=60)  # fmt: skip
+            assert yes_no.status_code == 200, yes_no.text
+            assert yes_no.json()["choices"][0]["message"]["content"] in ("yes", "no")
             assert httpx.get(f"{base}/health", timeout=10).json()["model_loaded"] is True
 
 

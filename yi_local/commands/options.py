@@ -122,7 +122,8 @@ def add_runtime_args(p: argparse.ArgumentParser, backends: bool = True) -> None:
                    help="layers to offload to the GPU (auto: all when the model fits, else as many as fit; "
                    "-1: all; 0: CPU only)")
     g.add_argument("--ctx", type=limited(LOAD_LIMITS["n_ctx"], _ctx_problem), default=LOADING.n_ctx,
-                   help=f"context length in tokens (0: the model's own; default {LOADING.n_ctx})")  # fmt: skip
+                   help=f"context length in tokens (0: the model's own, or the most of it that fits in free memory; "
+                        f"default {LOADING.n_ctx})")  # fmt: skip
     g.add_argument("--threads", type=limited(LOAD_LIMITS["n_threads"]), default=None,
                    help="CPU threads (default: all cores)")  # fmt: skip
     g.add_argument("--batch", type=limited(LOAD_LIMITS["n_batch"]), default=LOADING.n_batch,

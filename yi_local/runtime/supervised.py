@@ -57,6 +57,7 @@ class SupervisedBackend(LlamaVocab, Backend):
         self._proc: subprocess.Popen | None = None
         self._log: tempfile._TemporaryFileWrapper | None = None
         self._lost: str | None = None  # why the last child died
+        self._loading = False  # a child is loading the model
         L = self._L = llama_cpp()
         self._vocab_model = load_model(self._path, vocab_only=True)
         self._vocab = L.llama_model_get_vocab(self._vocab_model)
@@ -70,6 +71,13 @@ class SupervisedBackend(LlamaVocab, Backend):
     # -- the child ---------------------------------------------------------------------------
     def _start(self, on_progress=None):
         """Start a child, load the model there; its ModelInfo."""
+        self._loading = True  # /health says so meanwhile
+        try:
+            return self._load_child(on_progress)
+        finally:
+            self._loading = False
+
+    def _load_child(self, on_progress):
         ours, theirs = socket.socketpair()
         self._log = tempfile.NamedTemporaryFile(prefix="yi-local-engine-", suffix=".log")
         env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # an abort prints one line, not a debugger's dump
@@ -103,8 +111,9 @@ class SupervisedBackend(LlamaVocab, Backend):
         except (EOFError, OSError):
             self._stop()
             raise self._loss() from None
-        except BaseException:
+        except BaseException as e:
             self._stop()
+            self._lost = getattr(e, "message", None) or f"loading the model failed: {type(e).__name__}"
             raise
 
     def _stop(self, grace: float = 0.0) -> None:
@@ -162,11 +171,13 @@ class SupervisedBackend(LlamaVocab, Backend):
 
     def _call(self, name: str, *args):
         with self._io:
-            if self._conn is None:
+            self._let_go_if_ended_locked()
+            conn = self._conn
+            if conn is None:
                 raise WorkerLost(self._lost or "the model's process is not running")
             try:
-                self._conn.send((name, args))
-                message = self._conn.recv()
+                conn.send((name, args))
+                message = conn.recv()
             except (EOFError, OSError):
                 raise self._loss() from None
         if message[0] == "ok":
@@ -174,14 +185,17 @@ class SupervisedBackend(LlamaVocab, Backend):
         raise _rebuilt(message)
 
     def unavailable(self) -> str | None:
-        """Known without asking the workers: the child was lost at a call, or has ended since its last one.
-        (A worker that stops while nothing runs is found at the next call, which probes them all.)"""
+        """Known without asking the workers: a child loading the model, one lost at a call (or that could not
+        start), or one that has ended since its last call. (A worker that stops while nothing runs is found
+        at the next call, which probes them all.)"""
         proc = self._proc
+        if self._loading:
+            return "the model is loading"
         if self._conn is None or proc is None:
-            return self._lost or "the model's process is not running (it starts again for the next request)"
+            return self._lost or "the model's process is not running"
         code = proc.poll()
         if code is not None:
-            return f"the model's process ended (exit code {code}; it starts again for the next request)"
+            return f"the model's process ended (exit code {code})"
         return None
 
     def _restart(self) -> None:
@@ -204,6 +218,10 @@ class SupervisedBackend(LlamaVocab, Backend):
     def _let_go_if_ended(self) -> None:
         """A child that ended while nothing ran is let go before a request uses it, so that request starts
         a fresh one instead of failing on the closed socket."""
+        with self._io:
+            self._let_go_if_ended_locked()
+
+    def _let_go_if_ended_locked(self) -> None:
         if self._conn is not None and self._proc is not None and self._proc.poll() is not None:
             self._loss()
 
@@ -231,10 +249,12 @@ class SupervisedBackend(LlamaVocab, Backend):
 
     def check_sampling(self, params: SamplingParams, parse_grammar: bool = False) -> None:
         super().check_sampling(params)
+        self._let_go_if_ended()  # a fresh child checks the grammar when the request starts it
         if params.grammar and parse_grammar and self._conn is not None:
             self._call("check_sampling", params, True)
 
     def state_binding(self) -> dict | None:
+        self._let_go_if_ended()
         return self._call("state_binding") if self._conn is not None else None
 
     def _slot_state_size(self, seq: int) -> int:
