@@ -159,6 +159,23 @@ async def test_clear_drop_and_retry():
         assert app.session.messages == [] and not app.query(UserMessage) and backend.resets == 1
 
 
+async def test_a_reply_cut_at_the_token_limit_ends_in_view_after_a_retry_too():
+    """The note that ends a reply ("cut at the token limit") is on screen when the reply ends, whatever the
+    conversation above it, including after /retry redraws it all."""
+    long = " ".join(f"word{i}" for i in range(300))
+    app, backend = scripted_app(long, long, long, session=Session(settings=Settings(max_tokens=120)))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        for n, text in ((2, "q1"), (4, "q2")):
+            await type_and_send(pilot, text)
+            await wait_until(pilot, lambda n=n: len(app.session.messages) == n and not app.generating)
+        await type_and_send(pilot, "/retry")
+        await wait_until(pilot, lambda: len(backend.prompts) == 3 and not app.generating)
+        await pilot.pause(0.1)
+        log = app.log_view
+        assert log.max_scroll_y > 0 and log.scroll_offset.y == log.max_scroll_y  # the note is the last line
+
+
 async def test_save_then_load_restores_the_conversation_exactly():
     app, backend = scripted_app("Here is code:\n\n```python\nprint('hi')\n```", "unused")
     async with app.run_test(size=SIZE) as pilot:

@@ -40,9 +40,11 @@ class ReplyMessage(Markdown):
             self.parent.scroll_end(animate=False)
 
     async def finish(self, note: str | None = None) -> None:
-        """End the reply with an italic note (not part of the reply's text)."""
+        """End the reply with an italic note (not part of the reply's text), in view as its text was."""
         if note:
             await self.append(f"\n\n*{note}*")
+            if self.parent is not None:
+                self.parent.scroll_end(animate=False)
 
 
 class ChatLog(VerticalScroll):
