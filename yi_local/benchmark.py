@@ -27,13 +27,12 @@ from typing import Callable
 
 from yi_local import __version__, hardware
 from yi_local.errors import YiLocalError
-from yi_local.fit import kv_cache_bytes, largest_context
+from yi_local.fit import kv_cache_bytes
 from yi_local.gguf_header import check_model, model_meta
 from yi_local.kv_types import DEFAULT_KV_TYPE, FLASH_ATTN_IDS, KV_TYPES, check_kv
 from yi_local.llama_lib import llama_cpp, load_model
 from yi_local.runtime import Finish, LoadOptions, SamplingParams, TextDelta, load_backend
-from yi_local.runtime.offload import plan_offload
-from yi_local.runtime.params import MIN_CTX
+from yi_local.runtime.offload import own_context, plan_offload
 from yi_local.units import format_size
 
 MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
@@ -369,16 +368,14 @@ class Bench:
             kind, free = gpu or "RPC", (free or 0) + workers_free
         ctx_note = ""
         if n_ctx == 0:  # the model's own context, or the most of it that fits, as `run --ctx 0` takes it
-            n_ctx = meta.context_length
-            ctx_note = "the model's own: --ctx 0"
+            n_ctx, shrunk = meta.context_length, None
             if meta.context_length > 0:
                 per_token = kv_cache_bytes(meta.n_layers, 1, meta.n_head_kv, head_dim, kv_type) * max(parallel)
-                if memory_budget is None:
-                    memory_budget = hardware.memory_budget(gpu, gpu_free) + workers_free
-                n_ctx = largest_context(meta.context_length, per_token, meta.file_size, memory_budget, MIN_CTX)
-                if n_ctx < meta.context_length:
-                    ctx_note = (f"--ctx 0: the most of the model's own {meta.context_length:,} that fits beside "
-                                     f"the weights in {format_size(memory_budget)} free at --parallel {max(parallel)}")  # fmt: skip
+                n_ctx, shrunk = own_context(meta.context_length, per_token, meta.file_size, memory_budget, gpu, gpu_free,
+                                            workers_free)  # fmt: skip
+            ctx_note = "the model's own: --ctx 0" if shrunk is None else (
+                f"--ctx 0: the most of the model's own {meta.context_length:,} that fits beside the weights in "
+                f"{format_size(shrunk)} free at --parallel {max(parallel)}")  # fmt: skip
         check_fit(n_prompt, n_gen, n_ctx, f" ({ctx_note})" if ctx_note else "")
         # One offload plan for every level and both sides, made for the largest KV cache measured.
         kv = kv_cache_bytes(meta.n_layers, n_ctx * max(parallel), meta.n_head_kv, head_dim, kv_type)

@@ -23,15 +23,15 @@ import numpy as np
 
 from yi_local import hardware
 from yi_local.errors import YiLocalError
-from yi_local.fit import kv_cache_bytes, largest_context
+from yi_local.fit import kv_cache_bytes
 from yi_local.gguf_header import check_model, model_meta
 from yi_local.kv_types import FLASH_ATTN_IDS, check_kv
 from yi_local.llama_lib import captured_log, llama_cpp
 from yi_local.runtime import context_log
 from yi_local.runtime.backend import Backend, Chunk, GrammarDeadEndError, ModelInfo
 from yi_local.runtime.llama_vocab import LlamaVocab
-from yi_local.runtime.offload import plan_offload
-from yi_local.runtime.params import MIN_CTX, LoadOptions, SamplingParams
+from yi_local.runtime.offload import own_context, plan_offload
+from yi_local.runtime.params import LoadOptions, SamplingParams
 from yi_local.units import format_size
 from yi_local.runtime.sandbox import Sandbox
 
@@ -79,13 +79,8 @@ class LlamaCppBackend(LlamaVocab, Backend):
         n_ctx_seq = options.n_ctx
         shrunk = None  # (budget) when --ctx 0 takes less than the model's own context
         if n_ctx_seq == 0 and meta.context_length > 0:
-            # The model's own context, or the most of it that fits here beside the weights.
-            budget = options.memory_budget
-            if budget is None:  # free memory here, and on the workers
-                budget = hardware.memory_budget(gpu, gpu_free) + self._workers_free
-            n_ctx_seq = largest_context(meta.context_length, per_token, meta.file_size, budget, MIN_CTX)
-            if n_ctx_seq < meta.context_length:
-                shrunk = budget
+            n_ctx_seq, shrunk = own_context(meta.context_length, per_token, meta.file_size, options.memory_budget, gpu,
+                                            gpu_free, self._workers_free)  # fmt: skip
         kind, free = gpu, gpu_free
         if devices is not None:  # the workers' memory joins this machine's GPU's (or stands in for it)
             kind, free = gpu or "RPC", (gpu_free or 0) + self._workers_free

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from yi_local.fit import Need, fits, usable_bytes
+from yi_local import hardware
+from yi_local.fit import Need, fits, largest_context, usable_bytes
+from yi_local.runtime.params import MIN_CTX
 
 
 @dataclass(frozen=True)
@@ -38,3 +40,14 @@ def _describe(kind: str, n: int, total: int) -> str:
     if kind == "Metal" and n == total:
         return "Metal"
     return f"{kind} {n}/{total} layers"
+
+
+def own_context(n_train: int, kv_bytes_per_token: int, weights: int, budget: int | None, gpu: str | None,
+                gpu_free: int | None, workers_free: int = 0) -> tuple[int, int | None]:
+    """`--ctx 0`: the model's own context (`n_train`), or the most of it whose KV cache fits beside the
+    weights in `budget` free bytes (None: what is free here and on the RPC workers). (the context, the
+    budget when it had to shrink, else None)."""
+    if budget is None:
+        budget = hardware.memory_budget(gpu, gpu_free) + workers_free
+    n_ctx = largest_context(n_train, kv_bytes_per_token, weights, budget, MIN_CTX)
+    return n_ctx, budget if n_ctx < n_train else None
