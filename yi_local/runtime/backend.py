@@ -160,7 +160,7 @@ class Backend(ABC):
         return 512
 
     def unavailable(self) -> str | None:
-        """Why the model cannot answer now, with what happens next; None when it can (/health says so)."""
+        """Why the model cannot answer now; None when it can (/health says so)."""
         return None
 
     def reset(self) -> None:

@@ -171,7 +171,6 @@ class SupervisedBackend(LlamaVocab, Backend):
 
     def _call(self, name: str, *args):
         with self._io:
-            self._let_go_if_ended_locked()
             conn = self._conn
             if conn is None:
                 raise WorkerLost(self._lost or "the model's process is not running")
@@ -218,12 +217,9 @@ class SupervisedBackend(LlamaVocab, Backend):
     def _let_go_if_ended(self) -> None:
         """A child that ended while nothing ran is let go before a request uses it, so that request starts
         a fresh one instead of failing on the closed socket."""
-        with self._io:
-            self._let_go_if_ended_locked()
-
-    def _let_go_if_ended_locked(self) -> None:
-        if self._conn is not None and self._proc is not None and self._proc.poll() is not None:
-            self._loss()
+        with self._io:  # as a call would: no other thread's call is on the socket meanwhile
+            if self._conn is not None and self._proc is not None and self._proc.poll() is not None:
+                self._loss()
 
     def _slot_truncate(self, seq: int, keep: int) -> int:
         self._let_go_if_ended()
