@@ -322,11 +322,6 @@ def _retry(term: Terminal, message: str, context_before: int) -> Turn:
     return Turn(tps, done - sent, done - first, context_before)
 
 
-def mean(a: Turn, b: Turn) -> Turn:
-    return Turn((a.tps + b.tps) / 2, (a.to_screen_s + b.to_screen_s) / 2, (a.streaming_s + b.streaming_s) / 2,
-                a.context)
-
-
 def average(turns: list[Turn]) -> Turn:
     return Turn(*(statistics.mean(getattr(t, f) for t in turns) for f in ("tps", "to_screen_s", "streaming_s")),
                 turns[0].context)  # fmt: skip
@@ -341,7 +336,7 @@ class Compared:
 
     def pairs(self) -> list[tuple[Turn, Turn]]:
         """Each chat reply with the mean of the two runs around it."""
-        return [(c, mean(self.runs[i], self.runs[i + 1])) for i, c in enumerate(self.chats)]
+        return [(c, average(self.runs[i : i + 2])) for i, c in enumerate(self.chats)]
 
     def ratio(self, of) -> float:
         """The median over the replies of chat ÷ run for `of(chat, run)`."""
