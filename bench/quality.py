@@ -11,13 +11,17 @@ On the Yi-6B-shaped model (8 layers, synthetic weights) in the same run:
      Q3_K_M, Q4_K_M and Q8_0 against its F16.
 
     PYTHONPATH=. .venv/bin/python bench/quality.py [--model yi6b|tiny] [--chunks N] [--quality-chunks N] [--rounds N]
-                                                    [--skip-table] [--json PATH]
+                                                    [--skip-imatrix] [--skip-table] [--json PATH]
+
+With --rounds N the tools alternate N times; the table shows the best time of each, and the quality race
+also prints each round's own ratio and their median (a round's two sides run minutes apart).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,6 +116,9 @@ def quality_race(f16: Path, q4: Path, tmp: Path, threads: int, chunks: int | Non
         "llama_perplexity_s": theirs_s, "llama_perplexity_rss_mb": max(base.peak_rss_mb, kl.peak_rss_mb),
         "ratio": ours.seconds / theirs_s, "yi_local_report": report, "compared": compared,
         "rounds_s": {"yi_local": [m.seconds for m in mine], "llama_perplexity": [a.seconds + b.seconds for a, b in theirs]},
+        # Each round's two sides ran minutes apart, the best-of-each pair maybe an hour apart: on a VM whose
+        # speed drifts by 5-8%, the median of the rounds' own ratios is the steadier comparison.
+        "ratio_by_round": [m.seconds / (a.seconds + b.seconds) for m, (a, b) in zip(mine, theirs)],
     }  # fmt: skip
 
 
@@ -137,6 +144,7 @@ def main() -> None:
     p.add_argument("--model", choices=("yi6b", "tiny"), default="yi6b")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-table", action="store_true", help="leave out the trained model's quality table")
+    p.add_argument("--skip-imatrix", action="store_true", help="leave out the importance-matrix race")
     p.add_argument("--chunks", type=int, help="only the first N windows of the calibration text, for both tools "
                    "(the whole text: ~14 min a run for the F16 model on 2 cores)")
     p.add_argument("--quality-chunks", type=int, help="only the first N windows of the held-out text, for both tools")
@@ -159,21 +167,24 @@ def main() -> None:
     figures: dict = {"model": f16.name, "machine": machine()}
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         figures["chunks"], figures["quality_chunks"] = args.chunks, args.quality_chunks
-        im = figures["imatrix"] = imatrix_race(f16, Path(tmp), args.threads, args.chunks, args.rounds)
-        print(table([["importance matrix", "time s", "peak RSS MB", "yi-local ÷ it"],
-                     ["yi-local", f"{im['yi_local_s']:.1f}", f"{im['yi_local_rss_mb']:.0f}", ""],
-                     ["llama-imatrix", f"{im['llama_imatrix_s']:.1f}", f"{im['llama_imatrix_rss_mb']:.0f}", f"{im['ratio']:.2f}×"],
-                     ["llama-imatrix --no-ppl", f"{im['llama_imatrix_noppl_s']:.1f}", f"{im['llama_imatrix_noppl_rss_mb']:.0f}",
-                      f"{im['ratio_noppl']:.2f}×"]]), flush=True)  # fmt: skip
-        print("rounds, s: " + "; ".join(f"{k} {' / '.join(f'{x:.1f}' for x in v)}" for k, v in im["rounds_s"].items()))
-        print(f"entries {im['entries']}, windows {im['chunks']}, max relative difference {im['max_rel_diff']:.2e}; "
-              f"llama-quantize --imatrix read yi-local's file: {im['llama_quantize_read_it']} ({im['llama_quantize_says']})", flush=True)  # fmt: skip
+        if not args.skip_imatrix:
+            im = figures["imatrix"] = imatrix_race(f16, Path(tmp), args.threads, args.chunks, args.rounds)
+            print(table([["importance matrix", "time s", "peak RSS MB", "yi-local ÷ it"],
+                         ["yi-local", f"{im['yi_local_s']:.1f}", f"{im['yi_local_rss_mb']:.0f}", ""],
+                         ["llama-imatrix", f"{im['llama_imatrix_s']:.1f}", f"{im['llama_imatrix_rss_mb']:.0f}", f"{im['ratio']:.2f}×"],
+                         ["llama-imatrix --no-ppl", f"{im['llama_imatrix_noppl_s']:.1f}", f"{im['llama_imatrix_noppl_rss_mb']:.0f}",
+                          f"{im['ratio_noppl']:.2f}×"]]), flush=True)  # fmt: skip
+            print("rounds, s: " + "; ".join(f"{k} {' / '.join(f'{x:.1f}' for x in v)}" for k, v in im["rounds_s"].items()))
+            print(f"entries {im['entries']}, windows {im['chunks']}, max relative difference {im['max_rel_diff']:.2e}; "
+                  f"llama-quantize --imatrix read yi-local's file: {im['llama_quantize_read_it']} ({im['llama_quantize_says']})", flush=True)  # fmt: skip
         qa = figures["quality"] = quality_race(f16, q4, Path(tmp), args.threads, args.quality_chunks, args.rounds)
         print(table([["quality (KL mode)", "time s", "peak RSS MB", "yi-local ÷ it"],
                      ["yi-local quality", f"{qa['yi_local_s']:.1f}", f"{qa['yi_local_rss_mb']:.0f}", ""],
                      ["llama-perplexity (base + kld)", f"{qa['llama_perplexity_s']:.1f}", f"{qa['llama_perplexity_rss_mb']:.0f}",
                       f"{qa['ratio']:.2f}×"]]), flush=True)  # fmt: skip
         print("rounds, s: " + "; ".join(f"{k} {' / '.join(f'{x:.1f}' for x in v)}" for k, v in qa["rounds_s"].items()))
+        print(f"yi-local ÷ llama-perplexity by round: {' / '.join(f'{r:.3f}' for r in qa['ratio_by_round'])}, "
+              f"median {statistics.median(qa['ratio_by_round']):.3f}×", flush=True)
         print(table([["figure of Q4_K_M", "yi-local", "llama-perplexity"],
                      *[[k, f"{a:.6f}", f"{b:.6f}"] for k, (a, b) in qa["compared"].items()]]), flush=True)  # fmt: skip
         if not args.skip_table:
