@@ -99,6 +99,22 @@ async def test_the_note_after_a_reply_cut_at_the_token_limit_is_not_part_of_it()
         assert blocks(view)[-1] == ("MarkdownParagraph", "cut at the token limit")
 
 
+async def test_the_end_of_a_reply_is_one_render_with_its_note_and_the_status_line(monkeypatch):
+    """The last text, the note and the reply's speed reach the screen together: one frame, not one each."""
+    renders: list[tuple[str, str]] = []
+    append = ReplyMessage.append
+    monkeypatch.setattr(ReplyMessage, "append", lambda self, text: renders.append((text, app.status.speed)) or append(self, text))
+    app, _ = scripted_app("one two three four five", session=Session(settings=Settings(max_tokens=3)))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await type_and_send(pilot, "count")
+        await wait_until(pilot, lambda: not app.generating and len(app.session.messages) == 2)
+        text, speed = renders[-1]
+        assert text.endswith("three \n\n*cut at the token limit*"), renders
+        assert speed.endswith("tok/s"), "the status line changed after the reply's last render"
+        assert "".join(t for t, _ in renders) == "one two three \n\n*cut at the token limit*"
+
+
 async def test_a_context_overflow_reaches_the_screen_through_the_same_path():
     backend = ScriptedBackend(["never written"], n_ctx=64)
     app = ChatApp(lambda progress: backend)

@@ -279,12 +279,12 @@ class ChatApp(App[None]):
             while True:
                 events = await inbox.take(gap)
                 text = "".join(e.text for e in events if isinstance(e, TextDelta))
+                end = events[-1]
+                if isinstance(end, Finish):  # the last text, the note and the status line in one frame
+                    await self._finished(view, end, text)
+                    return
                 if text:
                     await view.write(text)
-                end = events[-1]
-                if isinstance(end, Finish):
-                    await self._finished(view, end)
-                    return
                 if isinstance(end, YiLocalError):
                     self._failed(view, end, context_full=isinstance(end, ContextOverflowError))
                     return
@@ -292,12 +292,12 @@ class ChatApp(App[None]):
         finally:
             prompt.cursor_blink = blink
 
-    async def _finished(self, view: ReplyMessage, finish: Finish) -> None:
-        await view.finish({"cancelled": "stopped", "length": "cut at the token limit"}.get(finish.reason))
+    async def _finished(self, view: ReplyMessage, finish: Finish, text: str) -> None:
         used = finish.usage.prompt_tokens + finish.usage.completion_tokens
         self._update_context(used)
         self.status.speed = f"{finish.timings.generate_tps:.1f} tok/s"
         self.status.state = ""
+        await view.finish(text, {"cancelled": "stopped", "length": "cut at the token limit"}.get(finish.reason))
         await self._next_paint()  # the whole reply on screen first; then the session (a save waits for the disk)
         self.cancel = None
         self.session.messages.append({"role": "assistant", "content": view.text})

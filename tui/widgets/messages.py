@@ -39,10 +39,13 @@ class ReplyMessage(Markdown):
         if self.parent is not None:
             self.parent.scroll_end(animate=False)
 
-    async def finish(self, note: str | None = None) -> None:
-        """End the reply with an italic note (not part of the reply's text), in view as its text was."""
-        if note:
-            await self.append(f"\n\n*{note}*")
+    async def finish(self, text: str = "", note: str | None = None) -> None:
+        """Add the reply's last `text` and end it with an italic note (not part of the reply's text), in one
+        render: the end of a reply costs one frame."""
+        self.text += text
+        shown = text + (f"\n\n*{note}*" if note else "")
+        if shown:
+            await self.append(shown)
             if self.parent is not None:
                 self.parent.scroll_end(animate=False)
 
