@@ -11,8 +11,8 @@ against two runs moves by a few percent on a busy VM. Then the tok/s and seconds
 × columns the medians of the replies' ratios, each printed.
 
 Per turn: the generator's tokens/s (the runtime's own figure: the chat's status line, `run
---verbose-timings`), and the time from Enter until the whole reply is on the screen (chat) or from the
-prompt until the whole reply is printed (run). At turn 1 both evaluate the same prompt; later the chat has
+--verbose-timings`), and the time from Enter until the whole reply is on the screen (chat: the status line
+says it is done and its end is in view) or from the prompt until the whole reply is printed (run). At turn 1 both evaluate the same prompt; later the chat has
 the conversation in its KV cache and `run` evaluates all of it, so `run`'s time is compared less its
 prompt's evaluation (its own timing) pro rata for the part the chat had cached. (A /retry's whole prompt
 is cached; its Enter→on screen includes redrawing the conversation without the old reply.)
@@ -285,7 +285,8 @@ def chat(model: Path, turns: list[int], threads: int, env: dict[str, str], repea
         term.wait(lambda s, m=message: any(m in line for line in s.lines()), what="the message typed")
         term.settle(0.2)
         sent = term.write(b"\r")
-        done = term.wait(lambda s, before=f"ctx {used}/": _finished(status(s), before), what="the reply finished")
+        done = term.wait(lambda s, before=f"ctx {used}/": _finished(status(s), before) and _end_shown(s),
+                         what="the reply finished and its end in view")  # fmt: skip
         line = status(term.screen)
         tps = float(re.search(r"([\d.]+) tok/s", line).group(1))
         context_before, used = used, int(re.search(r"ctx (\d+)/", line).group(1))
@@ -315,7 +316,8 @@ def _retry(term: Terminal, cached: int) -> Turn:
     term.settle(0.2)
     sent = term.write(b"\r")
     term.wait(lambda s: "writing" in status(s), what="the retry started")  # the conversation redrawn first
-    done = term.wait(lambda s: "tok/s" in status(s) and "writing" not in status(s), what="the retried reply finished")
+    done = term.wait(lambda s: "tok/s" in status(s) and "writing" not in status(s) and _end_shown(s),
+                     what="the retried reply finished and its end in view")  # fmt: skip
     tps = float(re.search(r"([\d.]+) tok/s", status(term.screen)).group(1))
     term.settle()
     return Turn(tps, done - sent, cached)
@@ -347,6 +349,16 @@ class Compared:
     def ratio(self, of) -> float:
         """The median over the replies of chat ÷ run for `of(chat, run)`."""
         return statistics.median(of(c, r) for c, r in self.pairs())
+
+
+def _end_shown(screen: Screen) -> bool:
+    """The reply's end is in view: the last line of the conversation, above the prompt's box, is the note a
+    400-token reply ends with (the status line may say the reply is done a frame before the conversation
+    has scrolled to it)."""
+    lines = screen.lines()
+    box = max((i for i, line in enumerate(lines) if line.strip().startswith("╭")), default=len(lines))
+    shown = [text for text in map(_text, lines[1:box]) if text]
+    return bool(shown) and shown[-1] == _text("cut at the token limit")
 
 
 def _finished(status: str, context_before: str) -> bool:

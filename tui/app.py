@@ -294,10 +294,11 @@ class ChatApp(App[None]):
 
     async def _finished(self, view: ReplyMessage, finish: Finish, text: str) -> None:
         used = finish.usage.prompt_tokens + finish.usage.completion_tokens
-        self._update_context(used)
-        self.status.speed = f"{finish.timings.generate_tps:.1f} tok/s"
-        self.status.state = ""
-        await view.finish(text, {"cancelled": "stopped", "length": "cut at the token limit"}.get(finish.reason))
+        with self.batch_update():  # one frame: never the speed beside a reply still missing its end
+            await view.finish(text, {"cancelled": "stopped", "length": "cut at the token limit"}.get(finish.reason))
+            self._update_context(used)
+            self.status.speed = f"{finish.timings.generate_tps:.1f} tok/s"
+            self.status.state = ""
         await self._next_paint()  # the whole reply on screen first; then the session (a save waits for the disk)
         self.cancel = None
         self.session.messages.append({"role": "assistant", "content": view.text})
