@@ -280,7 +280,7 @@ class ChatApp(App[None]):
                 events = await inbox.take(gap)
                 text = "".join(e.text for e in events if isinstance(e, TextDelta))
                 end = events[-1]
-                if isinstance(end, Finish):  # the last text, the note and the status line in one frame
+                if isinstance(end, Finish):  # the last text, the note and the status line in one render
                     await self._finished(view, end, text)
                     return
                 if text:

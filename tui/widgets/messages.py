@@ -41,7 +41,7 @@ class ReplyMessage(Markdown):
 
     async def finish(self, text: str = "", note: str | None = None) -> None:
         """Add the reply's last `text` and end it with an italic note (not part of the reply's text), in one
-        render: the end of a reply costs one frame."""
+        render (the conversation scrolls to it in the next frame, once the new blocks are laid out)."""
         self.text += text
         shown = text + (f"\n\n*{note}*" if note else "")
         if shown:
