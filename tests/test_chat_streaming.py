@@ -117,6 +117,29 @@ async def test_the_end_of_a_reply_is_one_render_with_its_note_and_the_status_lin
         assert "".join(t for t, _ in renders) == "one two three \n\n*cut at the token limit*"
 
 
+async def test_the_model_starts_before_the_replys_place_is_painted(monkeypatch):
+    """The message's and the reply's first paint runs beside the prompt's evaluation, not before it."""
+    order: list[str] = []
+    generate, next_paint = ChatApp._generate, ChatApp._next_paint
+
+    def started(self, *args):
+        order.append("model")
+        return generate(self, *args)
+
+    async def painted(self):
+        order.append("paint")
+        await next_paint(self)
+
+    monkeypatch.setattr(ChatApp, "_generate", started)
+    monkeypatch.setattr(ChatApp, "_next_paint", painted)
+    app, _ = scripted_app("one two three")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await type_and_send(pilot, "count")
+        await wait_until(pilot, lambda: not app.generating and len(app.session.messages) == 2)
+        assert order[:2] == ["model", "paint"], order
+
+
 async def test_a_context_overflow_reaches_the_screen_through_the_same_path():
     backend = ScriptedBackend(["never written"], n_ctx=64)
     app = ChatApp(lambda progress: backend)
