@@ -12,9 +12,10 @@ against two runs moves by a few percent on a busy VM. Then the tok/s and seconds
 
 Per turn: the generator's tokens/s (the runtime's own figure: the chat's status line, `run
 --verbose-timings`), and the time from Enter until the whole reply is on the screen (chat: the status line
-says it is done and its end is in view) or from the prompt until the whole reply is printed (run). At turn 1 both evaluate the same prompt; later the chat has
-the conversation in its KV cache and `run` evaluates all of it, so `run`'s time is compared less its
-prompt's evaluation (its own timing) pro rata for the part the chat had cached. (A /retry's whole prompt
+says it is done and its end is in view) or from the prompt until the whole reply is printed (run). At
+turn 1 both evaluate the same prompt; later the chat has the conversation in its KV cache and `run`
+evaluates all of it, so `run`'s time is compared less its prompt's evaluation (its own timing) pro rata
+for the part the chat had cached. (A /retry's whole prompt
 is cached; its Enter→on screen includes redrawing the conversation without the old reply.)
 Targets (issue 11): chat ≥ 0.97× run on the Yi-6B-shaped Q4_K_M, ≥ 0.8× on the tiny model.
 
@@ -386,8 +387,8 @@ def run(model: Path, prompt: str, threads: int, env: dict[str, str]) -> Turn:
                             "--ctx", str(CTX), "--threads", str(threads), "--verbose-timings"), env)  # fmt: skip
     term.finish()
     out = b"".join(d for _, d in term.chunks).decode(errors="replace")
-    stats = re.search(r"\[length\] prompt (\d+) tok at [\d.]+ tok/s, generated (\d+) tok at ([\d.]+) tok/s", out)
-    assert stats and int(stats.group(2)) == REPLY_TOKENS, f"run did not write {REPLY_TOKENS} tokens:\n{out[-2000:]}"
+    stats = re.search(r"\[length\] prompt (\d+) tok at ([\d.]+) tok/s, generated (\d+) tok at ([\d.]+) tok/s", out)
+    assert stats and int(stats.group(3)) == REPLY_TOKENS, f"run did not write {REPLY_TOKENS} tokens:\n{out[-2000:]}"
     # Byte offsets: the banner's line ends where the reply starts; the reply ends at the "\n[length]" line.
     raw = b"".join(d for _, d in term.chunks)
     start = raw.index(b"\n", raw.index(b"yi-local: ")) + 1
@@ -398,8 +399,8 @@ def run(model: Path, prompt: str, threads: int, env: dict[str, str]) -> Turn:
         offset += len(data)
     when = lambda pos: next(at for lo, hi, at in times if lo <= pos < hi)  # noqa: E731
     done = when(end - 1)
-    prompt, prompt_tps = int(stats.group(1)), float(re.search(r"prompt \d+ tok at ([\d.]+) tok/s", out).group(1))
-    return Turn(float(stats.group(3)), done - when(start - 1), prompt, prompt / prompt_tps)
+    prompt = int(stats.group(1))
+    return Turn(float(stats.group(4)), done - when(start - 1), prompt, prompt / float(stats.group(2)))
 
 
 # -- the benchmark ----------------------------------------------------------------------------------

@@ -296,7 +296,7 @@ class ChatApp(App[None]):
     async def _finished(self, view: ReplyMessage, finish: Finish, text: str) -> None:
         used = finish.usage.prompt_tokens + finish.usage.completion_tokens
         with self.batch_update():  # one frame: never the speed beside a reply still missing its end
-            await view.finish(text, {"cancelled": "stopped", "length": "cut at the token limit"}.get(finish.reason))
+            await view.write(text, {"cancelled": "stopped", "length": "cut at the token limit"}.get(finish.reason))
             self._update_context(used)
             self.status.speed = f"{finish.timings.generate_tps:.1f} tok/s"
             self.status.state = ""

@@ -32,16 +32,10 @@ class ReplyMessage(Markdown):
         super().__init__(text, classes="message assistant")
         self.text = text
 
-    async def write(self, text: str) -> None:
-        """Add `text` to the end of the reply and render it (the widget must be mounted)."""
-        self.text += text
-        await self.append(text)
-        if self.parent is not None:
-            self.parent.scroll_end(animate=False)
-
-    async def finish(self, text: str = "", note: str | None = None) -> None:
-        """Add the reply's last `text` and end it with an italic note (not part of the reply's text), in one
-        render (the conversation scrolls to it in the next frame, once the new blocks are laid out)."""
+    async def write(self, text: str, note: str | None = None) -> None:
+        """Add `text` to the end of the reply and render it (the widget must be mounted); a reply's last write
+        also ends it with an italic `note` (not part of its text) in the same render. The conversation
+        scrolls to it in the next frame, once the new blocks are laid out."""
         self.text += text
         shown = text + (f"\n\n*{note}*" if note else "")
         if shown:
